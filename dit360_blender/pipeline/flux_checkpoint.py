@@ -1,0 +1,394 @@
+"""Loading the FLUX transformer from the checkpoint layouts users actually have.
+
+* BFL single file (`flux1-dev.safetensors`), keys as in our model, optionally prefixed with
+  `model.diffusion_model.` (all-in-one files);
+* a diffusers `transformer/` folder (split q/k/v, fused here on load) or a diffusers-keyed file;
+* fp8 e4m3fn files (Kijai-style unscaled, or ComfyUI-style with `.scale_weight` per tensor):
+  the Linear weights stay fp8 in memory and are upcast per layer in forward.
+
+Tensors are read one at a time from memory-mapped files, transformed (LoRA merge in fp32, cast,
+move to the device) and assigned into a model built on the meta device, so the model never
+exists twice in RAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import BadCheckpointError, WeightsMissingError
+from .flux_model import FLUX_DEV, Flux, FluxParams
+from .safetensors_io import open_safetensors, safetensors_files_in
+
+BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+# ---------------------------------------------------------------------------------------------
+# The BFL <-> diffusers key map. Each BFL Linear is made of one or more diffusers Linears stacked
+# along the output rows; a part's size is "h" (hidden), "mlp" (MLP hidden) or None (the whole).
+
+
+def linear_map(depth: int, depth_single: int) -> dict[str, list[tuple[str, str | None]]]:
+    """BFL Linear stem -> the diffusers Linear stems stacked (in row order) to form it."""
+    m: dict[str, list[tuple[str, str | None]]] = {
+        "img_in": [("x_embedder", None)],
+        "txt_in": [("context_embedder", None)],
+        "time_in.in_layer": [("time_text_embed.timestep_embedder.linear_1", None)],
+        "time_in.out_layer": [("time_text_embed.timestep_embedder.linear_2", None)],
+        "guidance_in.in_layer": [("time_text_embed.guidance_embedder.linear_1", None)],
+        "guidance_in.out_layer": [("time_text_embed.guidance_embedder.linear_2", None)],
+        "vector_in.in_layer": [("time_text_embed.text_embedder.linear_1", None)],
+        "vector_in.out_layer": [("time_text_embed.text_embedder.linear_2", None)],
+        "final_layer.linear": [("proj_out", None)],
+    }
+    for i in range(depth):
+        b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        m[f"{b}.img_mod.lin"] = [(f"{d}.norm1.linear", None)]
+        m[f"{b}.txt_mod.lin"] = [(f"{d}.norm1_context.linear", None)]
+        m[f"{b}.img_attn.qkv"] = [(f"{d}.attn.to_{x}", "h") for x in "qkv"]
+        m[f"{b}.txt_attn.qkv"] = [(f"{d}.attn.add_{x}_proj", "h") for x in "qkv"]
+        m[f"{b}.img_attn.proj"] = [(f"{d}.attn.to_out.0", None)]
+        m[f"{b}.txt_attn.proj"] = [(f"{d}.attn.to_add_out", None)]
+        m[f"{b}.img_mlp.0"] = [(f"{d}.ff.net.0.proj", None)]
+        m[f"{b}.img_mlp.2"] = [(f"{d}.ff.net.2", None)]
+        m[f"{b}.txt_mlp.0"] = [(f"{d}.ff_context.net.0.proj", None)]
+        m[f"{b}.txt_mlp.2"] = [(f"{d}.ff_context.net.2", None)]
+    for i in range(depth_single):
+        b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        m[f"{b}.linear1"] = [(f"{d}.attn.to_{x}", "h") for x in "qkv"] + [(f"{d}.proj_mlp", "mlp")]
+        m[f"{b}.linear2"] = [(f"{d}.proj_out", None)]
+        m[f"{b}.modulation.lin"] = [(f"{d}.norm.linear", None)]
+    return m
+
+
+def norm_map(depth: int, depth_single: int) -> dict[str, str]:
+    """BFL RMSNorm `scale` keys -> diffusers `weight` keys."""
+    m = {}
+    for i in range(depth):
+        b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for stream, (q, k) in (("img", ("norm_q", "norm_k")), ("txt", ("norm_added_q", "norm_added_k"))):
+            m[f"{b}.{stream}_attn.norm.query_norm.scale"] = f"{d}.attn.{q}.weight"
+            m[f"{b}.{stream}_attn.norm.key_norm.scale"] = f"{d}.attn.{k}.weight"
+    for i in range(depth_single):
+        b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        m[f"{b}.norm.query_norm.scale"] = f"{d}.attn.norm_q.weight"
+        m[f"{b}.norm.key_norm.scale"] = f"{d}.attn.norm_k.weight"
+    return m
+
+
+# BFL keeps (shift, scale) in the final adaLN; diffusers keeps (scale, shift).
+FINAL_ADALN_BFL = "final_layer.adaLN_modulation.1"
+FINAL_ADALN_DIFFUSERS = "norm_out.linear"
+
+
+def _count_blocks(keys: list[str], prefix: str) -> int:
+    ids = {int(k[len(prefix) :].split(".")[0]) for k in keys if k.startswith(prefix)}
+    return max(ids) + 1 if ids else 0
+
+
+def is_diffusers_layout(keys: list[str]) -> bool:
+    return any(k.startswith(("transformer_blocks.", "x_embedder.")) for k in keys)
+
+
+def diffusers_stem_to_bfl(params: FluxParams) -> dict[str, tuple[str, int, int]]:
+    """diffusers Linear stem -> (BFL stem, first row, number of rows) inside the fused weight."""
+    sizes = {"h": params.hidden_size, "mlp": int(params.hidden_size * params.mlp_ratio)}
+    out = {}
+    for bfl, parts in linear_map(params.depth, params.depth_single_blocks).items():
+        row = 0
+        for stem, size in parts:
+            n = sizes[size] if size else -1
+            out[stem] = (bfl, row, n)
+            row += max(n, 0)
+    return out
+
+
+def _swap_halves(t: Tensor) -> Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def convert_bfl_to_diffusers(state: dict[str, Tensor], params: FluxParams) -> dict[str, Tensor]:
+    """The inverse of loading a diffusers checkpoint: split the fused rows back apart."""
+    out: dict[str, Tensor] = {}
+    for stem, (bfl, row, n) in diffusers_stem_to_bfl(params).items():
+        for suffix in ("weight", "bias"):
+            key = f"{bfl}.{suffix}"
+            if key in state:
+                t = state[key]
+                out[f"{stem}.{suffix}"] = t if n < 0 else t[row : row + n].clone()
+    for bfl, diff in norm_map(params.depth, params.depth_single_blocks).items():
+        out[diff] = state[bfl]
+    for suffix in ("weight", "bias"):
+        out[f"{FINAL_ADALN_DIFFUSERS}.{suffix}"] = _swap_halves(state[f"{FINAL_ADALN_BFL}.{suffix}"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors in BFL keys, one at a time
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in BFL_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _transformer_files(path: Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        return safetensors_files_in(path)
+    if not path.exists():
+        raise WeightsMissingError(
+            f"FLUX transformer weights not found: {path}",
+            "Give the path of flux1-dev.safetensors (or a diffusers transformer/ folder), "
+            "or download the models (Preferences > Models, or `generate --download`).",
+        )
+    return [path]
+
+
+def iter_bfl_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """(BFL key, tensor) pairs from any supported layout; each tensor is read when yielded."""
+    with ExitStack() as stack:
+        handles = [stack.enter_context(open_safetensors(f)) for f in _transformer_files(path)]
+        where = {k: h for h in handles for k in h.keys()}
+        if not is_diffusers_layout(list(where)):
+            for key, handle in sorted(where.items()):  # ".scale_weight" sorts before ".weight"
+                if key != "scaled_fp8":  # a marker tensor in ComfyUI's scaled-fp8 files
+                    yield _strip_prefix(key), handle.get_tensor(key)
+            return
+        yield from _iter_diffusers_as_bfl(where)
+
+
+def _iter_diffusers_as_bfl(where: dict) -> Iterator[tuple[str, Tensor]]:
+    keys = list(where)
+    depth = _count_blocks(keys, "transformer_blocks.")
+    depth_single = _count_blocks(keys, "single_transformer_blocks.")
+    used: set[str] = set()
+
+    def read(key: str) -> Tensor:
+        used.add(key)
+        return where[key].get_tensor(key)
+
+    for bfl, parts in linear_map(depth, depth_single).items():
+        for suffix in ("weight", "bias"):
+            names = [f"{stem}.{suffix}" for stem, _ in parts]
+            present = [n for n in names if n in where]
+            if not present:
+                continue
+            if len(present) != len(names):
+                missing = sorted(set(names) - set(present))
+                raise BadCheckpointError(
+                    f"The diffusers transformer checkpoint lacks {missing}.",
+                    "The file is incomplete or not a FLUX transformer: download it again.",
+                )
+            yield f"{bfl}.{suffix}", torch.cat([read(n) for n in names], dim=0)
+    for bfl, diff in norm_map(depth, depth_single).items():
+        if diff in where:
+            yield bfl, read(diff)
+    for suffix in ("weight", "bias"):
+        key = f"{FINAL_ADALN_DIFFUSERS}.{suffix}"
+        if key in where:
+            yield f"{FINAL_ADALN_BFL}.{suffix}", _swap_halves(read(key))
+    unexpected = sorted(set(keys) - used)
+    if unexpected:
+        raise BadCheckpointError(
+            f"The diffusers transformer checkpoint has {len(unexpected)} keys that FLUX.1 does not use, "
+            f"e.g. {unexpected[:5]}.",
+            "Use a FLUX.1-dev transformer checkpoint (not a ControlNet, IP-Adapter or other model).",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the config from the checkpoint itself
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of all tensors in BFL keys, without reading any tensor data."""
+    with ExitStack() as stack:
+        handles = [stack.enter_context(open_safetensors(f)) for f in _transformer_files(path)]
+        shapes = {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}
+    if not is_diffusers_layout(list(shapes)):
+        return {_strip_prefix(k): v for k, v in shapes.items()}
+    depth = _count_blocks(list(shapes), "transformer_blocks.")
+    depth_single = _count_blocks(list(shapes), "single_transformer_blocks.")
+    out: dict[str, tuple[int, ...]] = {}
+    for bfl, parts in linear_map(depth, depth_single).items():
+        for suffix in ("weight", "bias"):
+            names = [f"{stem}.{suffix}" for stem, _ in parts]
+            if all(n in shapes for n in names):
+                rows = sum(shapes[n][0] for n in names)
+                out[f"{bfl}.{suffix}"] = (rows, *shapes[names[0]][1:])
+    for bfl, diff in norm_map(depth, depth_single).items():
+        if diff in shapes:
+            out[bfl] = shapes[diff]
+    for suffix in ("weight", "bias"):
+        if f"{FINAL_ADALN_DIFFUSERS}.{suffix}" in shapes:
+            out[f"{FINAL_ADALN_BFL}.{suffix}"] = shapes[f"{FINAL_ADALN_DIFFUSERS}.{suffix}"]
+    return out
+
+
+def infer_params(shapes: dict[str, tuple[int, ...]], axes_dim: list[int] | None = None) -> FluxParams:
+    """FluxParams from tensor shapes; RoPE axes default to FLUX's [16, 56, 56] for head dim 128."""
+    try:
+        hidden, in_channels = shapes["img_in.weight"]
+        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        keys = list(shapes)
+        params = dict(
+            in_channels=in_channels,
+            out_channels=shapes["final_layer.linear.weight"][0],
+            vec_in_dim=shapes["vector_in.in_layer.weight"][1],
+            context_in_dim=shapes["txt_in.weight"][1],
+            hidden_size=hidden,
+            mlp_ratio=shapes["double_blocks.0.img_mlp.0.weight"][0] / hidden,
+            num_heads=hidden // head_dim,
+            depth=_count_blocks(keys, "double_blocks."),
+            depth_single_blocks=_count_blocks(keys, "single_blocks."),
+            qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
+            guidance_embed="guidance_in.in_layer.weight" in shapes,
+        )
+    except KeyError as exc:
+        raise BadCheckpointError(
+            f"This checkpoint is not a FLUX.1 transformer (it has no {exc.args[0]!r}).",
+            "Point the transformer setting at flux1-dev.safetensors or a FLUX.1-dev transformer/ folder.",
+        ) from exc
+    if axes_dim is None:
+        if head_dim != sum(FLUX_DEV.axes_dim):
+            raise BadCheckpointError(
+                f"Head dim {head_dim} differs from FLUX.1's 128, so the RoPE axes can't be assumed.",
+                "Pass axes_dim explicitly for non-standard FLUX variants.",
+            )
+        axes_dim = list(FLUX_DEV.axes_dim)
+    return FluxParams(axes_dim=list(axes_dim), **params)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 Linear layers
+
+
+class Fp8Linear(nn.Module):
+    """A Linear whose weight stays in fp8 and is upcast (times its scale) in every forward."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn), False)
+        self.bias = nn.Parameter(torch.empty(out_features), False) if bias else None
+        self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = (self.weight.to(torch.float32) * self.scale_weight).to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.linear(x, weight, bias)
+
+
+def quantize_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor scaled e4m3fn quantisation: (fp8 weight, fp32 scale)."""
+    w = weight.float()
+    scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
+    return (w / scale).to(torch.float8_e4m3fn), scale.reshape(())
+
+
+def _use_fp8_linears(model: Flux, fp8_keys: set[str]) -> None:
+    for key in fp8_keys:
+        module_name = key.rsplit(".", 1)[0]
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if not isinstance(old, nn.Linear):
+            continue
+        with torch.device("meta"):
+            setattr(parent, child, Fp8Linear(old.in_features, old.out_features, old.bias is not None))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+TensorHook = Callable[[str, Tensor], Tensor]
+
+
+def load_flux_transformer(
+    path: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    axes_dim: list[int] | None = None,
+    merge: TensorHook | None = None,
+) -> Flux:
+    """Build the transformer from any supported checkpoint.
+
+    `merge(key, fp32_tensor) -> fp32_tensor` is applied to every weight before it is cast, which
+    is where the LoRA is merged (in fp32, before any rounding to bf16/fp16/fp8).
+    """
+    shapes = read_shapes(path)
+    params = infer_params(shapes, axes_dim)
+    with torch.device("meta"):
+        model = Flux(params)
+    weight_keys = {k for k in shapes if not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8"}
+    _check_keys(set(model.state_dict()), weight_keys, path)
+    state: dict[str, Tensor] = {}
+    fp8_keys: set[str] = set()
+    scales: dict[str, Tensor] = {}
+    for key, tensor in iter_bfl_tensors(path):
+        if key.endswith(".scale_weight"):
+            scales[key] = tensor.float().reshape(())
+            continue
+        if key.endswith(".scale_input"):  # activation scales of scaled-fp8 files: unused when upcasting
+            continue
+        state[key] = _prepare(key, tensor, dtype, device, merge, scales, fp8_keys)
+    _use_fp8_linears(model, fp8_keys)
+    for key in fp8_keys:
+        scale_key = key[: -len("weight")] + "scale_weight"
+        state[scale_key] = scales.get(scale_key, torch.ones(())).to(device)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise BadCheckpointError(
+            f"{path} has tensors of the wrong shape for a FLUX.1 transformer: {exc}",
+            "The file is damaged or mixes models: download flux1-dev.safetensors again.",
+        ) from exc
+    return model.eval().requires_grad_(False)
+
+
+def _prepare(
+    key: str,
+    tensor: Tensor,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    merge: TensorHook | None,
+    scales: dict[str, Tensor],
+    fp8_keys: set[str],
+) -> Tensor:
+    is_fp8 = tensor.dtype in FP8_DTYPES and tensor.ndim == 2
+    if not is_fp8:
+        tensor = tensor.float() if merge else tensor
+        if merge:
+            tensor = merge(key, tensor)
+        return tensor.to(device=device, dtype=dtype)
+    fp8_keys.add(key)
+    scale_key = key[: -len("weight")] + "scale_weight"
+    if merge is None:
+        return tensor.to(device)
+    # Dequantise, merge in fp32, requantise with a fresh per-tensor scale.
+    w = tensor.float() * scales.get(scale_key, torch.ones(()))
+    merged = merge(key, w)
+    if merged is w:
+        return tensor.to(device)
+    q, scale = quantize_fp8(merged)
+    scales[scale_key] = scale
+    return q.to(device)
+
+
+def _check_keys(expected: set[str], found: set[str], path: Path) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise BadCheckpointError(
+            f"{path} does not match the FLUX.1 transformer: {len(missing)} missing keys "
+            f"(e.g. {missing[:4]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:4]}).",
+            "Use flux1-dev.safetensors, a FLUX.1-dev fp8 file or the diffusers transformer/ folder.",
+        )
