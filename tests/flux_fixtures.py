@@ -78,3 +78,35 @@ def save_layouts(model, root: Path) -> dict[str, Path]:
 
 def diffusers_state_from_bfl(bfl: dict, params: FluxParams) -> dict:
     return convert_bfl_to_diffusers(bfl, params)
+
+
+def dit360_lora_stems(depth: int, depth_single: int) -> list[str]:
+    """The modules DiT360's LoRA trains: attn.to_q/k/v/to_out.0 (single blocks have no to_out)."""
+    stems = [f"transformer_blocks.{i}.attn.{m}" for i in range(depth) for m in ("to_q", "to_k", "to_v", "to_out.0")]
+    stems += [f"single_transformer_blocks.{i}.attn.{m}" for i in range(depth_single) for m in ("to_q", "to_k", "to_v")]
+    return stems
+
+
+def save_tiny_lora(model, folder: Path, rank: int = 4, alpha: int | None = None, seed: int = 5) -> Path:
+    """A LoRA in DiT360's export format: `transformer.<module>.lora_A/lora_B.weight` + adapter_config.json."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    modules = dict(model.named_modules())
+    for stem in dit360_lora_stems(model.config.num_layers, model.config.num_single_layers):
+        linear = modules[stem]
+        state[f"transformer.{stem}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=gen) * 0.3
+        state[f"transformer.{stem}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=gen) * 0.3
+    path = folder / "adapter_model.safetensors"
+    save_file(state, str(path))
+    config = {
+        "r": rank,
+        "lora_alpha": alpha if alpha is not None else rank,
+        "target_modules": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"],
+        "peft_type": "LORA",
+        "bias": "none",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return path
