@@ -14,7 +14,14 @@ TINY_AXES = [4, 6, 6]
 
 
 def tiny_diffusers_transformer(
-    seed: int = 0, heads: int = 2, head_dim: int = 16, axes=TINY_AXES, depth=2, depth_single=2, txt_dim=32, vec_dim=24
+    seed: int = 0,
+    heads: int = 2,
+    head_dim: int = 16,
+    axes=TINY_AXES,
+    depth=2,
+    depth_single=2,
+    txt_dim=32,
+    vec_dim=24,
 ):
     """A diffusers FluxTransformer2DModel with every weight poisoned by random values."""
     from diffusers import FluxTransformer2DModel
@@ -82,8 +89,14 @@ def diffusers_state_from_bfl(bfl: dict, params: FluxParams) -> dict:
 
 def dit360_lora_stems(depth: int, depth_single: int) -> list[str]:
     """The modules DiT360's LoRA trains: attn.to_q/k/v/to_out.0 (single blocks have no to_out)."""
-    stems = [f"transformer_blocks.{i}.attn.{m}" for i in range(depth) for m in ("to_q", "to_k", "to_v", "to_out.0")]
-    stems += [f"single_transformer_blocks.{i}.attn.{m}" for i in range(depth_single) for m in ("to_q", "to_k", "to_v")]
+    stems = [
+        f"transformer_blocks.{i}.attn.{m}" for i in range(depth) for m in ("to_q", "to_k", "to_v", "to_out.0")
+    ]
+    stems += [
+        f"single_transformer_blocks.{i}.attn.{m}"
+        for i in range(depth_single)
+        for m in ("to_q", "to_k", "to_v")
+    ]
     return stems
 
 
@@ -97,8 +110,12 @@ def save_tiny_lora(model, folder: Path, rank: int = 4, alpha: int | None = None,
     modules = dict(model.named_modules())
     for stem in dit360_lora_stems(model.config.num_layers, model.config.num_single_layers):
         linear = modules[stem]
-        state[f"transformer.{stem}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=gen) * 0.3
-        state[f"transformer.{stem}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=gen) * 0.3
+        state[f"transformer.{stem}.lora_A.weight"] = (
+            torch.randn(rank, linear.in_features, generator=gen) * 0.3
+        )
+        state[f"transformer.{stem}.lora_B.weight"] = (
+            torch.randn(linear.out_features, rank, generator=gen) * 0.3
+        )
     path = folder / "adapter_model.safetensors"
     save_file(state, str(path))
     config = {

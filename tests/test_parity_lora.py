@@ -58,7 +58,9 @@ def test_parity_lora_merge_matches_diffusers(base, files, layout):
     got, expected = run_both(ours, ref, 4, 8, wrap=True)
     assert rel_err(got, expected) <= 1e-5
     # and the LoRA matters: without it the output is far from the LoRA reference
-    plain, _ = run_both(load_flux_transformer(files[layout], torch.float32, axes_dim=TINY_AXES), ref, 4, 8, True)
+    plain, _ = run_both(
+        load_flux_transformer(files[layout], torch.float32, axes_dim=TINY_AXES), ref, 4, 8, True
+    )
     assert rel_err(plain, expected) > 1e-2
 
 
@@ -70,10 +72,15 @@ def test_lora_strength_is_linear_in_the_weights(base, files):
     m = lora.modules["single_transformer_blocks.1.attn.to_k"]
     hidden = tiny_params(base).hidden_size
     k_rows = slice(hidden, 2 * hidden)  # to_k is the second row block of linear1
-    expected = plain.single_blocks[1].linear1.weight[k_rows].double() + 0.5 * (m.up.double() @ m.down.double())
+    expected = plain.single_blocks[1].linear1.weight[k_rows].double() + 0.5 * (
+        m.up.double() @ m.down.double()
+    )
     assert torch.allclose(ours.single_blocks[1].linear1.weight[k_rows].double(), expected, atol=1e-6)
     # MLP rows of linear1 are untouched
-    assert torch.equal(ours.single_blocks[1].linear1.weight[3 * hidden :], plain.single_blocks[1].linear1.weight[3 * hidden :])
+    assert torch.equal(
+        ours.single_blocks[1].linear1.weight[3 * hidden :],
+        plain.single_blocks[1].linear1.weight[3 * hidden :],
+    )
 
 
 def test_alpha_from_adapter_config_scales_the_update(base, tmp_path, files):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import BadCheckpointError, WeightsMissingError
 from .safetensors_io import open_safetensors
@@ -486,7 +486,7 @@ def _check_keys(
 
 def load_autoencoder(
     path: str | Path,
-    params: AutoEncoderParams = FLUX_DEV_AE,
+    params: AutoEncoderParams | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> AutoEncoder:
@@ -494,7 +494,8 @@ def load_autoencoder(
 
     The module is built on the meta device and the (memory-mapped) tensors are assigned into
     it, so the weights are never held twice in RAM. For a diffusers folder the shape comes from
-    its config.json and ``params`` is ignored.
+    its config.json and ``params`` is ignored; for ``ae.safetensors`` the channel layout is read
+    from the tensor shapes unless ``params`` is given (FLUX's scale/shift and 32 norm groups).
     """
     path = Path(path)
     files, config = _resolve_source(path)
@@ -507,6 +508,8 @@ def load_autoencoder(
         state = convert_diffusers_vae_to_bfl(state)
         layout = "diffusers AutoencoderKL layout"
 
+    if params is None:
+        params = infer_ae_params(state)
     with torch.device("meta"):
         model = AutoEncoder(params)
     _check_keys(state, model.state_dict(), str(path), layout)
@@ -514,3 +517,25 @@ def load_autoencoder(
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()
+
+
+def infer_ae_params(state: dict[str, Tensor]) -> AutoEncoderParams:
+    """The channel layout of a BFL-keyed VAE state dict; scale, shift and groups are FLUX's."""
+    try:
+        ch, in_channels = state["encoder.conv_in.weight"].shape[:2]
+        levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
+        ch_mult = tuple(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels)
+        blocks = {int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block.")}
+        return AutoEncoderParams(
+            in_channels=in_channels,
+            ch=ch,
+            out_ch=state["decoder.conv_out.weight"].shape[0],
+            ch_mult=ch_mult,
+            num_res_blocks=len(blocks),
+            z_channels=state["decoder.conv_in.weight"].shape[1],
+        )
+    except (KeyError, IndexError) as exc:
+        raise BadCheckpointError(
+            f"This file is not a FLUX VAE (no {exc}).",
+            "Point the VAE setting at FLUX.1-dev's ae.safetensors or its diffusers vae/ folder.",
+        ) from exc

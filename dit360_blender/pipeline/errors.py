@@ -64,3 +64,9 @@ class DeviceError(DiT360Error):
     """The requested device or dtype is not available here."""
 
     code = "device_unavailable"
+
+
+class OutputWriteError(DiT360Error):
+    """The image could not be written (no permission, disk full, bad folder)."""
+
+    code = "disk_write_failed"

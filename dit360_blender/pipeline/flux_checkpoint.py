@@ -329,7 +329,9 @@ def load_flux_transformer(
     params = infer_params(shapes, axes_dim)
     with torch.device("meta"):
         model = Flux(params)
-    weight_keys = {k for k in shapes if not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8"}
+    weight_keys = {
+        k for k in shapes if not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8"
+    }
     _check_keys(set(model.state_dict()), weight_keys, path)
     state: dict[str, Tensor] = {}
     fp8_keys: set[str] = set()

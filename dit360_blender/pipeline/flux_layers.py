@@ -176,14 +176,18 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
         self.img_norm2 = _layer_norm(hidden_size)
         self.img_mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
+            nn.Linear(hidden_size, mlp_hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_hidden, hidden_size),
         )
         self.txt_mod = Modulation(hidden_size, double=True)
         self.txt_norm1 = _layer_norm(hidden_size)
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
         self.txt_norm2 = _layer_norm(hidden_size)
         self.txt_mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
+            nn.Linear(hidden_size, mlp_hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_hidden, hidden_size),
         )
 
     def _qkv(self, attn: SelfAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

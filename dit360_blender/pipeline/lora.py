@@ -22,7 +22,9 @@ from .flux_checkpoint import diffusers_stem_to_bfl
 from .flux_model import FluxParams
 from .safetensors_io import load_state_dict
 
-_LORA_KEY = re.compile(r"^(?P<stem>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up|alpha)(?:\.default)?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<stem>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up|alpha)(?:\.default)?(?:\.weight)?$"
+)
 _PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.")
 
 

@@ -1,0 +1,249 @@
+"""DiT360 text → 360° panorama: text encoders, FLUX + LoRA, wrap-padded sampling, VAE decode."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .autoencoder import AutoEncoder, load_autoencoder
+from .errors import BadParametersError, DeviceError
+from .flux_checkpoint import infer_params, load_flux_transformer, read_shapes
+from .flux_model import Flux
+from .hub import FLUX_REPO, LORA_REPO, ModelPaths
+from .lora import LoraMerger, load_lora
+from .sampling import (
+    PATCH,
+    VAE_DOWNSCALE,
+    Cancelled,
+    StepCallback,
+    crop_pad,
+    denoise,
+    get_noise,
+    get_sigmas,
+    image_ids,
+    pack,
+    unpack,
+    wrap_pad,
+    wrap_pad_ids,
+)
+from .text_encoders import TextEncoders
+
+T5_MAX_LENGTH = 512
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STAGES = ("loading", "encoding", "sampling", "decoding", "saving")
+TOKEN_SIZE = VAE_DOWNSCALE * PATCH  # one transformer token covers 16x16 pixels
+
+__all__ = ["Cancelled", "DiT360Pipeline", "GenerateRequest", "Generation", "pick_device", "DTYPES"]
+
+
+@dataclass
+class GenerateRequest:
+    """One panorama. Defaults are DiT360's: 2048x1024, 28 steps, guidance 2.8."""
+
+    prompt: str
+    seed: int = 0
+    steps: int = 28
+    guidance: float = 2.8
+    width: int = 2048
+    height: int = 1024
+
+    def validate(self) -> None:
+        """Refuse bad requests before anything is loaded or written."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise BadParametersError(
+                "The prompt is empty.", 'Describe the scene, e.g. "This is a panorama. A beach at dusk".'
+            )
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise BadParametersError(
+                f"steps must be a positive whole number, got {self.steps!r}.", "Use 28 (DiT360's default)."
+            )
+        if self.steps > 1000:
+            raise BadParametersError(
+                f"steps={self.steps} is far beyond useful.", "Use 20-50 steps (28 is DiT360's default)."
+            )
+        if not 0.0 <= float(self.guidance) <= 100.0:
+            raise BadParametersError(
+                f"guidance must be between 0 and 100, got {self.guidance}.", "Use 2.8 (DiT360's default)."
+            )
+        if not 0 <= int(self.seed) < 2**63:
+            raise BadParametersError(
+                f"seed must be between 0 and 2^63-1, got {self.seed}.", "Use any non-negative number."
+            )
+        for name, value in (("width", self.width), ("height", self.height)):
+            if not isinstance(value, int) or value < TOKEN_SIZE * 2 or value % TOKEN_SIZE:
+                raise BadParametersError(
+                    f"{name}={value!r} must be a multiple of {TOKEN_SIZE} pixels (at least {TOKEN_SIZE * 2}).",
+                    "Use 2048x1024, DiT360's training size (or 1024x512 for quick previews).",
+                )
+        if self.width != 2 * self.height:
+            raise BadParametersError(
+                f"{self.width}x{self.height} is not 2:1; an equirectangular panorama is twice as wide as tall.",
+                f"Use width = 2 x height, e.g. {2 * self.height}x{self.height} or 2048x1024.",
+            )
+
+
+@dataclass
+class Generation:
+    """The result: an RGB image as float (3, H, W) in [0, 1] on the CPU, plus what made it."""
+
+    image: Tensor
+    request: GenerateRequest
+    metadata: dict
+    timings: dict = field(default_factory=dict)
+
+    def to_uint8(self) -> Tensor:
+        """(H, W, 3) uint8, rounded like diffusers' image post-processing."""
+        return (self.image.permute(1, 2, 0) * 255).round().to(torch.uint8)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' → CUDA, else Apple MPS, else CPU; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            "CUDA was requested but this PyTorch sees no CUDA GPU.",
+            "Choose device 'auto' or 'cpu', or install a CUDA build of PyTorch.",
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("MPS was requested but is not available here.", "Choose device 'auto' or 'cpu'.")
+    return device
+
+
+class DiT360Pipeline:
+    """All models loaded once; `generate` may be called any number of times."""
+
+    def __init__(
+        self,
+        text_encoders: TextEncoders,
+        transformer: Flux,
+        vae: AutoEncoder,
+        device: torch.device,
+        dtype: torch.dtype,
+        model_info: dict,
+    ) -> None:
+        self.text_encoders = text_encoders
+        self.transformer = transformer
+        self.vae = vae
+        self.device = device
+        self.dtype = dtype
+        self.model_info = model_info
+
+    @classmethod
+    def load(
+        cls,
+        paths: ModelPaths,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "bf16",
+        lora_strength: float = 1.0,
+        axes_dim: list[int] | None = None,
+    ) -> DiT360Pipeline:
+        """Load the text encoders, the transformer with the LoRA merged, and the VAE."""
+        device = pick_device(device) if isinstance(device, str) else device
+        dtype = _dtype(dtype)
+        text_encoders = TextEncoders.load(
+            paths.text_encoder,
+            paths.tokenizer,
+            paths.text_encoder_2,
+            paths.tokenizer_2,
+            dtype=dtype,
+            device=device,
+        )
+        merge = None
+        if paths.lora is not None and lora_strength != 0.0:
+            params = infer_params(read_shapes(paths.transformer), axes_dim)
+            merge = LoraMerger(load_lora(paths.lora), params, lora_strength)
+        transformer = load_flux_transformer(
+            paths.transformer, dtype=dtype, device=device, axes_dim=axes_dim, merge=merge
+        )
+        vae = load_autoencoder(paths.vae, dtype=dtype, device=device)
+        info = {
+            "model": FLUX_REPO,
+            "transformer": Path(paths.transformer).name,
+            "lora": LORA_REPO if paths.lora is not None and lora_strength != 0.0 else None,
+            "lora_file": Path(paths.lora).name if paths.lora is not None else None,
+            "lora_strength": lora_strength,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type,
+        }
+        return cls(text_encoders, transformer, vae, device, dtype, info)
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        on_step: StepCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        on_stage: Callable[[str], None] | None = None,
+        latents: Tensor | None = None,
+    ) -> Generation:
+        """One panorama. Raises `Cancelled` between steps when `should_cancel()` returns true.
+
+        `latents` overrides the seeded noise (1, 16, H/8, W/8), for comparisons with references.
+        """
+        request.validate()
+        stage = on_stage or (lambda name: None)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        stage("encoding")
+        txt, vec = self.text_encoders.encode(request.prompt, max_length=T5_MAX_LENGTH)
+        txt, vec = txt.to(self.device), vec.to(self.device)
+        timings["encode_s"] = time.perf_counter() - start
+
+        stage("sampling")
+        t0 = time.perf_counter()
+        noise = (
+            get_noise(request.seed, request.height, request.width)
+            if latents is None
+            else latents.float().cpu()
+        )
+        grid_h, grid_w = request.height // TOKEN_SIZE, request.width // TOKEN_SIZE
+        img = wrap_pad(pack(noise), grid_h, grid_w).to(self.device)
+        img_ids = wrap_pad_ids(image_ids(grid_h, grid_w), grid_h, grid_w)[None].to(self.device)
+        txt_ids = torch.zeros(1, txt.shape[1], 3, device=self.device)
+        sigmas = get_sigmas(request.steps, img.shape[1])
+        x = denoise(
+            self.transformer, img, img_ids, txt, txt_ids, vec, sigmas, request.guidance,
+            dtype=self.dtype, on_step=on_step, should_cancel=should_cancel,
+        )  # fmt: skip
+        _sync(self.device)
+        timings["sample_s"] = time.perf_counter() - t0
+
+        stage("decoding")
+        t0 = time.perf_counter()
+        z = unpack(crop_pad(x, grid_h, grid_w), grid_h, grid_w)
+        with torch.inference_mode():
+            decoded = self.vae.decode(z.to(self.dtype))
+        image = (decoded[0].float() / 2 + 0.5).clamp(0, 1).cpu()
+        timings["decode_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - start
+        metadata = {
+            **asdict(request),
+            **self.model_info,
+            "sampler": "euler flow-matching, DiT360 wrap padding (1 column per side)",
+            "noise": "torch CPU generator, float32",
+        }
+        return Generation(image=image, request=request, metadata=metadata, timings=timings)
+
+
+def _dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise BadParametersError(f"Unknown precision {value!r}.", f"Choose one of {', '.join(DTYPES)}.")
+    return DTYPES[value]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
