@@ -1,0 +1,247 @@
+"""Command line: `generate` a panorama from a prompt, or `doctor` to check the setup.
+
+torch is imported only inside the commands, so `--help` is instant and works anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+COMPONENT_FLAGS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "lora")
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_CANCELLED = 2, 1, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dit360_blender",
+        description="DiT360 360° panoramas (FLUX.1-dev + the DiT360 LoRA) for Blender worlds.",
+    )
+    parser.add_argument("--version", action="version", version=f"dit360_blender {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate a 2:1 equirectangular panorama from a prompt")
+    gen.add_argument("prompt", help='what the world shows, e.g. "This is a panorama. A beach at dusk"')
+    gen.add_argument("--out", type=Path, help="PNG to write (default: <prompt-slug>_<seed>.png here)")
+    gen.add_argument(
+        "--seed", type=int, help="same seed + settings = same image on any device (default: random)"
+    )
+    gen.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
+    gen.add_argument("--guidance", type=float, default=2.8, help="embedded guidance (default 2.8)")
+    gen.add_argument(
+        "--width", type=int, default=2048, help="multiple of 16, twice the height (default 2048)"
+    )
+    gen.add_argument("--height", type=int, default=1024, help="multiple of 16 (default 1024)")
+    gen.add_argument("--lora-strength", type=float, default=1.0, help="DiT360 LoRA strength (default 1.0)")
+    gen.add_argument("--no-lora", action="store_true", help="plain FLUX.1-dev, without the DiT360 LoRA")
+    gen.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, cuda:1, mps or cpu")
+    gen.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="auto: bf16 on GPUs, fp32 on CPU",
+    )
+    _add_model_args(gen)
+    gen.add_argument(
+        "--download", action="store_true", help="download missing weights from the Hugging Face Hub (~34 GB)"
+    )
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    doctor = commands.add_parser("doctor", help="show Python/torch/GPU and which model files are found")
+    _add_model_args(doctor)
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model files (default: --models-dir, then the Hugging Face cache)")
+    group.add_argument("--models-dir", type=Path, help="folder holding FLUX.1-dev/ and DiT360/ (see README)")
+    for name in COMPONENT_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        group.add_argument(
+            flag, type=Path, dest=f"path_{name}", help=f"explicit path of the {name.replace('_', ' ')}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return cmd_generate(args)
+    return cmd_doctor(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def slugify(text: str, limit: int = 48) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower().encode("ascii", "ignore").decode()).strip("-")
+    slug = re.sub(r"^this-is-a-panorama-?", "", slug)  # DiT360's prompt prefix says nothing
+    return slug[:limit].rstrip("-") or "panorama"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline.errors import DiT360Error
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    try:
+        return _generate(args, seed)
+    except DiT360Error as exc:
+        _print_error(exc)
+        return EXIT_BAD_INPUT if exc.code == "bad_parameters" else EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\ncancelled; nothing written", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+def _generate(args: argparse.Namespace, seed: int) -> int:
+    from .pipeline.dit360 import DiT360Pipeline, GenerateRequest, pick_device
+    from .pipeline.hub import resolve_model_paths
+    from .pipeline.image_io import save_png
+
+    request = GenerateRequest(
+        prompt=args.prompt,
+        seed=seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+    )
+    request.validate()  # before anything is loaded or written
+    out = args.out or Path(f"{slugify(args.prompt)}_{seed}.png")
+    if out.suffix.lower() != ".png":
+        from .pipeline.errors import BadParametersError
+
+        raise BadParametersError(f"--out {out} must end in .png.", "Give a .png file name.")
+    progress = None if args.quiet else _Progress()
+    paths = resolve_model_paths(
+        explicit=_explicit_paths(args),
+        models_dir=args.models_dir,
+        allow_download=args.download,
+        progress=progress.download if progress else None,
+        use_lora=not args.no_lora,
+    )
+    device = pick_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("fp32" if device.type == "cpu" else "bf16")
+    _status(progress, f"loading models on {device.type} ({dtype})")
+    pipe = DiT360Pipeline.load(
+        paths, device=device, dtype=dtype, lora_strength=0.0 if args.no_lora else args.lora_strength
+    )
+    result = pipe.generate(
+        request,
+        on_step=progress.step if progress else None,
+        on_stage=(lambda s: _status(progress, s)) if progress else None,
+    )
+    save_png(out, result.to_uint8().numpy(), {**result.metadata, "timings": result.timings})
+    print(f"wrote {out} (seed {seed}, {result.timings['total_s']:.1f} s)")
+    return 0
+
+
+def _explicit_paths(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, f"path_{name}") for name in COMPONENT_FLAGS if getattr(args, f"path_{name}")}
+
+
+def _status(progress: _Progress | None, text: str) -> None:
+    if progress:
+        progress.message(text)
+
+
+def _print_error(exc) -> None:
+    print(f"error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"  fix: {exc.hint}", file=sys.stderr)
+
+
+class _Progress:
+    """A one-line progress bar on stderr (no dependency on tqdm)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.sampling_start: float | None = None
+        self.tty = sys.stderr.isatty()
+
+    def message(self, text: str) -> None:
+        self._write(f"{text}…", final=not self.tty)
+
+    def step(self, i: int, total: int, _latents) -> None:
+        now = time.perf_counter()
+        if self.sampling_start is None or i == 1:
+            self.sampling_start = now
+        per_step = (now - self.sampling_start) / max(i - 1, 1) if i > 1 else 0.0
+        bar = "#" * (24 * i // total) + "." * (24 - 24 * i // total)
+        eta = f" eta {per_step * (total - i):.0f}s" if i > 1 else ""
+        self._write(f"sampling [{bar}] {i}/{total}{eta}", final=i == total or not self.tty)
+
+    def download(self, filename: str, done: int, total: int) -> None:
+        size = f"{done / 1e9:.2f}/{total / 1e9:.2f} GB" if total else f"{done / 1e9:.2f} GB"
+        self._write(f"downloading {filename} {size}", final=bool(total and done >= total))
+
+    def _write(self, text: str, final: bool) -> None:
+        end = "\n" if final else ""
+        prefix = "\r\033[K" if self.tty else ""
+        print(f"{prefix}{text}", end=end, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# doctor
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    print(f"dit360_blender {__version__}")
+    print(f"Python         {platform.python_version()} ({sys.executable})")
+    print(f"Platform       {platform.platform()}")
+    _doctor_torch()
+    print(
+        f"HF token       {'set' if os.environ.get('HF_TOKEN') else 'not set (needed to download FLUX.1-dev)'}"
+    )
+    print(f"HF offline     {'yes' if os.environ.get('HF_HUB_OFFLINE') else 'no'}")
+    print("Models:")
+    try:
+        from .pipeline.hub import find_model_paths
+
+        found = find_model_paths(explicit=_explicit_paths(args), models_dir=args.models_dir)
+    except Exception as exc:  # doctor must always finish and say what it can
+        print(f"  cannot search for models: {exc}")
+        return 0
+    missing = [name for name, path in found.items() if path is None]
+    for name, path in found.items():
+        print(f"  {name:<15} {path if path else 'MISSING'}")
+    if missing:
+        print(
+            "  fix: run `python -m dit360_blender generate --download ...` (or the add-on's Download models "
+            "button) after accepting the FLUX.1-dev licence and setting HF_TOKEN; or copy the files into "
+            "--models-dir as described in the README."
+        )
+    return 0
+
+
+def _doctor_torch() -> None:
+    try:
+        import torch
+    except ImportError as exc:
+        print(f"torch          NOT INSTALLED ({exc})")
+        print("  fix: run `python vendor_setup.py --venv .venv` (or Install dependencies in the add-on)")
+        return
+    print(f"torch          {torch.__version__}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            name = torch.cuda.get_device_name(i)
+            print(f"CUDA:{i}         {name}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        print("GPU            Apple MPS")
+    else:
+        print("GPU            none found: generation would run on the CPU (very slow at full size)")
+    for name in ("transformers", "safetensors", "huggingface_hub", "einops", "PIL", "numpy"):
+        try:
+            module = __import__(name)
+            print(f"{name:<16}{getattr(module, '__version__', '?')}")
+        except ImportError:
+            print(f"{name:<16}NOT INSTALLED")

@@ -1,0 +1,711 @@
+#!/usr/bin/env python3
+"""Install the DiT360 worker's Python packages (torch, transformers, ...) for a given Python.
+
+Standard library only; runs with any Python >= 3.10, including the one bundled with Blender.
+
+Modes (pick one):
+
+  --target DIR   pip install --target DIR ... with *this* interpreter.  The Blender add-on runs this
+                 with Blender's Python and DIR = bpy.utils.extension_path_user(pkg, path="vendor").
+  --venv DIR     create a venv at DIR (if needed) and install the runtime packages into it.
+  --dev          create/refresh .venv/ at the repo root with the runtime packages plus the test-only
+                 ones (pytest, ruff, bpy, ...); needs Python 3.11 because bpy only ships cp311 wheels.
+
+Other options:
+
+  --torch {auto,cuda,cpu,mps,local}   which torch build to install (default: auto; --dev: local).
+                 auto:  macOS -> PyPI torch (MPS); Windows/Linux with nvidia-smi -> CUDA wheels from
+                        the PyTorch index; otherwise CPU wheels from the PyTorch CPU index.
+                 local: the torch requirement as plain pip resolves it with your own pip config, no
+                        extra index (what dev/CI machines with a local torch wheel use).
+  --torch-index URL   index for the cuda/cpu choices (default: PyTorch's cu128 / cpu index).
+  DIT360_TORCH_SPEC   environment variable replacing the torch requirement, e.g. "torch==2.7.1" or a
+                      path to a wheel; without an explicit --torch it implies --torch local.
+  --check        report which runtime packages import (and their versions) and the torch device for
+                 the chosen target/venv/dev venv (or this interpreter); exit 1 if one is missing.
+                 Add --json for one machine-readable JSON object.
+  --dry-run      print the commands only.
+  --force        ignore the "already installed" stamp and pass --force-reinstall to pip.
+
+Examples:
+
+  python3 vendor_setup.py --dev                       # dev/CI venv at .venv (Python 3.11)
+  python3 vendor_setup.py --venv ~/dit360-worker      # a standalone worker venv
+  <blender-python> vendor_setup.py --target <vendor>  # what the add-on's preferences run
+  <blender-python> vendor_setup.py --check --target <vendor> --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------
+# Requirement pins: the only place versions are written down.
+# ---------------------------------------------------------------------------------------------
+
+# Runtime packages the worker imports (installed with --target into Blender's vendor folder, or
+# with --venv).  Loose but bounded: newer minors are accepted, the next major that may break the
+# API is not.  numpy 2 is allowed here because Blender 5.1+ runs Python 3.13, for which numpy 1.26
+# has no wheels; the worker does not share numpy objects with Blender's own numpy.
+RUNTIME_PINS: dict[str, str] = {
+    "torch": "torch>=2.4,<3",
+    "safetensors": "safetensors>=0.4.3,<1",
+    "transformers": "transformers>=4.46,<6",
+    "huggingface_hub": "huggingface_hub>=0.26,<3",
+    "numpy": "numpy>=1.26,<3",
+    "einops": "einops>=0.7,<1",
+    "pillow": "pillow>=10.1,<14",
+}
+
+# Dev/CI: the same runtime packages at the exact versions of the reference dev venv, so test runs
+# are reproducible.  torch==2.13.0 resolves to the CPU wheel on the dev/CI machines' local disk.
+# numpy must stay <2 here: bpy 4.5 requires numpy>=1.26,<2.0.
+DEV_RUNTIME_PINS: dict[str, str] = {
+    "torch": "torch==2.13.0",
+    "safetensors": "safetensors==0.8.0",
+    "transformers": "transformers==5.24.0",
+    "huggingface_hub": "huggingface_hub==2.4.0",
+    "numpy": "numpy==1.26.4",
+    "einops": "einops==0.8.2",
+    "pillow": "pillow==13.0.0",
+}
+
+# Test-only packages (dev/CI only, never installed for Blender): the reference implementation the
+# tests compare against (diffusers, peft, sentencepiece, protobuf), the tools, and Blender as a
+# Python module (4.5 LTS, cp311 only; its system libraries are installed by .ci/run).
+DEV_TEST_PINS: dict[str, str] = {
+    "diffusers": "diffusers==0.42.1",
+    "peft": "peft==0.21.2",
+    "sentencepiece": "sentencepiece==0.2.3",
+    "protobuf": "protobuf==7.36.2",
+    "pytest": "pytest==9.2.0",
+    "ruff": "ruff==0.17.6",
+    "bpy": "bpy==4.5.*",
+}
+
+# Torch indexes for the cuda/cpu choices (override with --torch-index).
+TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+# ---------------------------------------------------------------------------------------------
+
+# Distribution name -> module to import for --check.
+IMPORT_NAMES: dict[str, str] = {
+    "torch": "torch",
+    "safetensors": "safetensors",
+    "transformers": "transformers",
+    "huggingface_hub": "huggingface_hub",
+    "numpy": "numpy",
+    "einops": "einops",
+    "pillow": "PIL",
+}
+
+TORCH_CHOICES = ("auto", "cuda", "cpu", "mps", "local")
+DEV_PYTHON = (3, 11)
+REPO_ROOT = Path(__file__).resolve().parent
+ADDON_PACKAGE = "dit360_blender"
+STAMP_NAME = ".dit360-setup-stamp.json"
+STAMP_SCHEMA = 1
+
+
+class SetupError(Exception):
+    """A failure with a message for the user; main() prints it and exits 1."""
+
+
+# --- platform detection (functions so tests can monkeypatch them) ------------------------------
+
+
+def platform_system() -> str:
+    """'Linux', 'Darwin' or 'Windows'."""
+    return platform.system()
+
+
+def has_nvidia_gpu() -> bool:
+    """True when nvidia-smi is on PATH (Windows: also its usual System32 location)."""
+    if shutil.which("nvidia-smi"):
+        return True
+    if platform_system() == "Windows":
+        root = os.environ.get("SystemRoot", r"C:\Windows")
+        return Path(root, "System32", "nvidia-smi.exe").is_file()
+    return False
+
+
+def interpreter_version() -> tuple[int, int]:
+    return sys.version_info[:2]
+
+
+def interpreter_path() -> str:
+    return sys.executable
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def format_cmd(cmd: list[str]) -> str:
+    if platform_system() == "Windows":
+        # Double-quote what cmd.exe would treat specially (e.g. "torch>=2.4,<3"), for copy-paste.
+        return " ".join(f'"{a}"' if a == "" or any(c in a for c in " \t<>|&^") else a for a in cmd)
+    return shlex.join(cmd)
+
+
+def run_cmd(cmd: list[str], *, dry_run: bool, env: dict[str, str] | None = None) -> None:
+    """Print the command, then run it with its output streamed; raise SetupError on failure."""
+    log(f"$ {format_cmd(cmd)}")
+    if dry_run:
+        return
+    try:
+        rc = subprocess.call(cmd, env=env, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise SetupError(f"could not run {cmd[0]}: {exc}") from exc
+    if rc != 0:
+        raise SetupError(f"command failed with exit code {rc}: {format_cmd(cmd)}")
+
+
+def pip_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PIP_USER", None)  # a user-level `user = true` would clash with --target / venvs
+    env["PIP_NO_INPUT"] = "1"
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def venv_python(venv: Path) -> Path:
+    if platform_system() == "Windows":
+        return venv / "Scripts" / "python.exe"
+    return venv / "bin" / "python"
+
+
+def venv_version(venv: Path) -> str | None:
+    """The Python version recorded in DIR/pyvenv.cfg, or None when DIR is not a venv."""
+    cfg = venv / "pyvenv.cfg"
+    if not cfg.is_file():
+        return None
+    for line in cfg.read_text(encoding="utf-8", errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() in ("version", "version_info"):
+            return value.strip()
+    return ""
+
+
+def find_addon_folder(path: Path) -> Path | None:
+    """The add-on folder that PATH lies in (or is), or None.
+
+    An add-on folder is one holding blender_manifest.toml (the repo root or an installed
+    extension), the folder holding dit360_blender/__init__.py, dit360_blender/ itself, or the
+    folder this script lives in when it is the source tree or the installed extension.
+    """
+    path = Path(os.path.abspath(os.path.expanduser(path)))
+    try:
+        path = path.resolve()
+    except OSError:
+        pass
+    own = REPO_ROOT
+    own_is_addon = any(
+        (own / name).exists() for name in ("blender_manifest.toml", "__init__.py", ADDON_PACKAGE)
+    )
+    for folder in (path, *path.parents):
+        if own_is_addon and folder == own:
+            return folder
+        if (folder / "blender_manifest.toml").is_file():
+            return folder
+        if (folder / ADDON_PACKAGE / "__init__.py").is_file():
+            return folder
+        if folder.name == ADDON_PACKAGE and (folder / "__init__.py").is_file():
+            return folder
+    return None
+
+
+# --- requirement selection ----------------------------------------------------------------------
+
+
+def select_requirements(dev: bool, packages: list[str] | None) -> list[str]:
+    """Requirement strings to install, torch first when it is part of the set."""
+    pins = dict(DEV_RUNTIME_PINS, **DEV_TEST_PINS) if dev else dict(RUNTIME_PINS)
+    if packages is None:
+        return list(pins.values())
+    reqs = []
+    for name in packages:
+        reqs.append(pins.get(name) or RUNTIME_PINS.get(name) or name)
+    return reqs
+
+
+def is_torch_req(req: str) -> bool:
+    name = req.strip()
+    for sep in "<>=!~[; @":
+        name = name.split(sep, 1)[0]
+    return name.lower() == "torch"
+
+
+def resolve_torch(
+    choice: str | None, torch_index: str | None, dev: bool, default_spec: str
+) -> tuple[str, str, str | None, str]:
+    """Return (mode, torch requirement, index url or None, reason)."""
+    env_spec = os.environ.get("DIT360_TORCH_SPEC", "").strip()
+    spec = env_spec or default_spec
+    if choice is None:
+        choice = "local" if (dev or env_spec) else "auto"
+        why = "DIT360_TORCH_SPEC is set" if env_spec else ("--dev default" if dev else "")
+    else:
+        why = "--torch " + choice
+    system = platform_system()
+    mode = choice
+    if choice == "auto":
+        if system == "Darwin":
+            mode, why = "mps", "auto: macOS"
+        elif has_nvidia_gpu():
+            mode, why = "cuda", "auto: nvidia-smi found"
+        else:
+            mode, why = "cpu", "auto: no nvidia-smi"
+    if mode == "cuda":
+        if system == "Darwin":
+            raise SetupError("--torch cuda: PyTorch has no CUDA builds for macOS; use --torch mps")
+        index = torch_index or TORCH_CUDA_INDEX
+    elif mode == "cpu":
+        # macOS wheels on PyPI are the CPU/MPS build already.
+        index = None if system == "Darwin" else (torch_index or TORCH_CPU_INDEX)
+    elif mode == "mps":
+        if system != "Darwin":
+            log("warning: --torch mps only makes sense on macOS; installing torch from PyPI as is")
+        index = None
+    else:  # local
+        index = None
+    if env_spec:
+        why += "; spec from DIT360_TORCH_SPEC"
+    return mode, spec, index, why
+
+
+def plan_pip_commands(
+    python: str,
+    reqs: list[str],
+    torch_index: str | None,
+    target: Path | None,
+    force: bool,
+) -> list[list[str]]:
+    """The pip commands installing REQS with PYTHON: torch from its own index gets its own command."""
+    base = [python, "-m", "pip", "install"]
+    if target is not None:
+        # --upgrade replaces packages a previous run left in the folder; prefer wheels because
+        # Blender's Python cannot build C extensions.
+        base += ["--target", str(target), "--upgrade", "--prefer-binary"]
+    if force:
+        base.append("--force-reinstall")
+    torch_reqs = [r for r in reqs if is_torch_req(r)]
+    other = [r for r in reqs if not is_torch_req(r)]
+    if torch_index and torch_reqs:
+        cmds = [base + ["--index-url", torch_index] + torch_reqs]
+        if other:
+            cmds.append(base + other)
+        return cmds
+    return [base + reqs]
+
+
+# --- stamp --------------------------------------------------------------------------------------
+
+
+def stamp_payload(commands: list[list[str]], python_version: str) -> dict:
+    # The interpreter path is left out: the same requirement set from another path is the same.
+    return {
+        "schema": STAMP_SCHEMA,
+        "python": python_version,
+        "commands": [cmd[1:] for cmd in commands],
+    }
+
+
+def stamp_matches(stamp: Path, payload: dict) -> bool:
+    try:
+        return json.loads(stamp.read_text(encoding="utf-8")) == payload
+    except (OSError, ValueError):
+        return False
+
+
+def write_stamp(stamp: Path, payload: dict) -> None:
+    stamp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+
+# --- check --------------------------------------------------------------------------------------
+
+CHECK_MARK = "DIT360_CHECK_JSON="
+
+# Runs in the checked interpreter: argv[1] is a JSON spec {"target", "imports", "metadata", "device"}.
+CHECK_SCRIPT = r"""
+import importlib, importlib.metadata as md, json, sys
+spec = json.loads(sys.argv[1])
+if spec["target"]:
+    sys.path.insert(0, spec["target"])
+out = {"python": sys.executable, "python_version": sys.version.split()[0],
+       "packages": {}, "device": None, "device_name": None}
+def dist_version(dist):
+    try:
+        return md.version(dist)
+    except Exception:
+        return None
+for dist, mod_name in spec["imports"]:
+    entry = {"module": mod_name, "version": None, "path": None, "error": None}
+    if spec["import"]:
+        try:
+            mod = importlib.import_module(mod_name)
+            entry["version"] = getattr(mod, "__version__", None) or dist_version(dist)
+            entry["path"] = getattr(mod, "__file__", None)
+        except BaseException as exc:
+            entry["error"] = "%s: %s" % (type(exc).__name__, exc)
+    else:
+        entry["version"] = dist_version(dist)
+        if entry["version"] is None:
+            entry["error"] = "not installed"
+    out["packages"][dist] = entry
+for dist in spec["metadata"]:
+    v = dist_version(dist)
+    out["packages"][dist] = {"module": None, "version": v, "path": None,
+                             "error": None if v else "not installed"}
+if spec["device"] and spec["import"] and "torch" in sys.modules:
+    torch = sys.modules["torch"]
+    try:
+        if torch.cuda.is_available():
+            out["device"] = "cuda"
+            out["device_name"] = "%s (CUDA %s)" % (torch.cuda.get_device_name(0), torch.version.cuda)
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            out["device"] = "mps"
+            out["device_name"] = "Apple MPS"
+        else:
+            out["device"] = "cpu"
+            out["device_name"] = "CPU"
+    except Exception as exc:
+        out["device"] = "cpu"
+        out["device_name"] = "CPU (device probe failed: %s)" % exc
+print("DIT360_CHECK_JSON=" + json.dumps(out))
+"""
+assert CHECK_MARK in CHECK_SCRIPT
+
+
+def run_check(
+    python: str,
+    target: Path | None,
+    dists: list[str],
+    metadata_only: list[str],
+    do_import: bool = True,
+) -> dict:
+    """Run CHECK_SCRIPT in PYTHON (with TARGET first on sys.path) and return its report."""
+    imports = [(d, IMPORT_NAMES.get(d, d)) for d in dists]
+    spec = {
+        "target": str(target) if target else None,
+        "imports": imports,
+        "metadata": metadata_only,
+        "import": do_import,
+        "device": "torch" in dists,
+    }
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    cmd = [python, "-s", "-c", CHECK_SCRIPT, json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    except OSError as exc:
+        raise SetupError(f"could not run {python}: {exc}") from exc
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(CHECK_MARK):
+            report = json.loads(line[len(CHECK_MARK) :])
+            missing = [d for d, e in report["packages"].items() if e["error"]]
+            report["missing"] = missing
+            report["ok"] = not missing
+            report["target"] = str(target) if target else None
+            return report
+    raise SetupError(f"the check script failed in {python} (exit {proc.returncode}):\n{proc.stdout}")
+
+
+def print_report(report: dict) -> None:
+    log(f"python: {report['python']} ({report['python_version']})")
+    if report.get("target"):
+        log(f"target: {report['target']}")
+    for dist, e in report["packages"].items():
+        if e["error"]:
+            log(f"  MISSING  {dist:<16} {e['error']}")
+        else:
+            where = f"  ({e['path']})" if e.get("path") else ""
+            log(f"  ok       {dist:<16} {e['version'] or '?'}{where}")
+    if report.get("device"):
+        log(f"torch device: {report['device']} - {report['device_name']}")
+    if report["missing"]:
+        log(f"missing: {', '.join(report['missing'])}")
+
+
+def check_names(dev: bool, packages: list[str] | None) -> tuple[list[str], list[str]]:
+    """(distributions to import, distributions only looked up in metadata) for --check."""
+    if packages is not None:
+        return packages, []
+    return list(RUNTIME_PINS), (list(DEV_TEST_PINS) if dev else [])
+
+
+# --- modes --------------------------------------------------------------------------------------
+
+
+def ensure_pip(dry_run: bool) -> None:
+    """Blender's bundled Python may lack pip: bootstrap it with ensurepip when missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("pip") is not None:
+        return
+    log("pip is not installed for this Python; bootstrapping it with ensurepip")
+    try:
+        run_cmd([interpreter_path(), "-m", "ensurepip", "--upgrade"], dry_run=dry_run, env=pip_env())
+    except SetupError as exc:
+        raise SetupError(
+            f"{exc}\nthis Python has no pip and ensurepip failed; if Blender is installed in a "
+            "read-only folder, run Blender's Python once as an administrator with "
+            "`-m ensurepip --upgrade`, or use --venv with a separate Python"
+        ) from exc
+
+
+def install(
+    python: str,
+    python_version: str,
+    reqs: list[str],
+    torch_index: str | None,
+    target: Path | None,
+    stamp: Path,
+    args: argparse.Namespace,
+) -> bool:
+    """Run pip unless the stamp says the same set is installed; return True when pip ran."""
+    cmds = plan_pip_commands(python, reqs, torch_index, target, args.force)
+    payload = stamp_payload(plan_pip_commands(python, reqs, torch_index, target, False), python_version)
+    if not args.force and stamp_matches(stamp, payload):
+        log(f"already up to date ({stamp} records the same requirement set; --force reinstalls)")
+        return False
+    for cmd in cmds:
+        run_cmd(cmd, dry_run=args.dry_run, env=pip_env())
+    if not args.dry_run:
+        write_stamp(stamp, payload)
+    return True
+
+
+def verify(python: str, target: Path | None, dists: list[str], metadata_only: list[str]) -> dict:
+    report = run_check(python, target, dists, metadata_only)
+    print_report(report)
+    if not report["ok"]:
+        raise SetupError(
+            f"installed, but these do not import: {', '.join(report['missing'])} (see above); "
+            "rerun with --force, or see pip's output for what went wrong"
+        )
+    return report
+
+
+def cmd_target(args: argparse.Namespace) -> int:
+    target = Path(os.path.abspath(os.path.expanduser(args.target)))
+    addon = find_addon_folder(target)
+    if addon is not None:
+        raise SetupError(
+            f"refusing to install into {target}: it is inside the add-on folder {addon}.\n"
+            "Packages there would be packed into the extension and loaded as add-on code. "
+            "Use a folder outside it, e.g. the one Blender gives for the add-on: "
+            'bpy.utils.extension_path_user(__package__, path="vendor", create=True)'
+        )
+    reqs = select_requirements(False, args.packages)
+    torch_index = None
+    if any(is_torch_req(r) for r in reqs):
+        mode, spec, torch_index, why = resolve_torch(
+            args.torch, args.torch_index, False, RUNTIME_PINS["torch"]
+        )
+        reqs = [spec if is_torch_req(r) else r for r in reqs]
+        log(f"torch: {mode} ({why}): {spec}" + (f" from {torch_index}" if torch_index else ""))
+    python = interpreter_path()
+    if not args.dry_run:
+        ensure_pip(False)
+        target.mkdir(parents=True, exist_ok=True)
+    version = ".".join(map(str, interpreter_version()))
+    ran = install(python, version, reqs, torch_index, target, target / STAMP_NAME, args)
+    if ran and not args.dry_run:
+        dists, _ = check_names(False, args.packages)
+        verify(python, target, dists, [])
+        log(f"done: packages installed in {target}")
+    return 0
+
+
+def create_venv(venv: Path, dry_run: bool) -> None:
+    run_cmd([interpreter_path(), "-m", "venv", str(venv)], dry_run=dry_run)
+    if not dry_run and not venv_python(venv).exists():
+        raise SetupError(
+            f"`python -m venv` did not create {venv_python(venv)}; on Debian/Ubuntu install the "
+            "python3-venv package (apt-get install python3-venv)"
+        )
+
+
+def prepare_venv(venv: Path, dry_run: bool, need: tuple[int, int] | None) -> str:
+    """Create VENV unless it exists; return the Python version it records."""
+    version = venv_version(venv)
+    if version is None:
+        if venv.exists() and any(venv.iterdir()):
+            raise SetupError(f"{venv} exists but is not a venv (no pyvenv.cfg); remove it or pick another")
+        create_venv(venv, dry_run)
+        return ".".join(map(str, interpreter_version()))
+    if need is not None and tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) != need:
+        raise SetupError(
+            f"{venv} was made with Python {version}, but {need[0]}.{need[1]} is needed; "
+            f"delete it (rm -rf {venv}) and rerun with a Python {need[0]}.{need[1]}"
+        )
+    if not venv_python(venv).exists():
+        raise SetupError(f"{venv} is a broken venv (no {venv_python(venv)}); delete it and rerun")
+    return version
+
+
+def cmd_venv(args: argparse.Namespace) -> int:
+    venv = Path(os.path.abspath(os.path.expanduser(args.venv)))
+    reqs = select_requirements(False, args.packages)
+    torch_index = None
+    if any(is_torch_req(r) for r in reqs):
+        mode, spec, torch_index, why = resolve_torch(
+            args.torch, args.torch_index, False, RUNTIME_PINS["torch"]
+        )
+        reqs = [spec if is_torch_req(r) else r for r in reqs]
+        log(f"torch: {mode} ({why}): {spec}" + (f" from {torch_index}" if torch_index else ""))
+    version = prepare_venv(venv, args.dry_run, None)
+    python = str(venv_python(venv))
+    ran = install(python, version, reqs, torch_index, None, venv / STAMP_NAME, args)
+    if ran and not args.dry_run:
+        dists, _ = check_names(False, args.packages)
+        verify(python, None, dists, [])
+        log(f"done: worker venv ready at {venv} (python: {python})")
+    return 0
+
+
+def dev_python_error() -> SetupError:
+    got = ".".join(map(str, interpreter_version()))
+    return SetupError(
+        f"--dev needs Python 3.11 (bpy, Blender as a Python module, only has cp311 wheels on PyPI), "
+        f"but this is Python {got} ({interpreter_path()}).\n"
+        "Fix: run it with a 3.11 interpreter, e.g. `python3.11 vendor_setup.py --dev` "
+        "(get one with `apt-get install python3.11 python3.11-venv`, `pyenv install 3.11`, "
+        "`uv python install 3.11` or python.org)"
+    )
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    if interpreter_version() != DEV_PYTHON:
+        raise dev_python_error()
+    venv = REPO_ROOT / ".venv"
+    reqs = select_requirements(True, args.packages)
+    torch_index = None
+    if any(is_torch_req(r) for r in reqs):
+        mode, spec, torch_index, why = resolve_torch(
+            args.torch, args.torch_index, True, DEV_RUNTIME_PINS["torch"]
+        )
+        reqs = [spec if is_torch_req(r) else r for r in reqs]
+        log(f"torch: {mode} ({why}): {spec}" + (f" from {torch_index}" if torch_index else ""))
+    version = prepare_venv(venv, args.dry_run, DEV_PYTHON)
+    python = str(venv_python(venv))
+    ran = install(python, version, reqs, torch_index, None, venv / STAMP_NAME, args)
+    if args.dry_run:
+        return 0
+    dists, meta = check_names(True, args.packages)
+    if ran:
+        verify(python, None, dists, meta)
+    else:
+        # Fast path: versions from metadata only, no imports.
+        report = run_check(python, None, dists, meta, do_import=False)
+        if not report["ok"]:
+            raise SetupError(
+                f"{venv} lacks {', '.join(report['missing'])} although its stamp says it is up to "
+                "date; rerun with --force"
+            )
+        summary = ", ".join(f"{d} {e['version']}" for d, e in report["packages"].items())
+        log(f"dev venv: python {report['python_version']}; {summary}")
+    log(f"done: dev venv ready at {venv}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    dev = bool(args.dev)
+    target = None
+    if args.target:
+        target = Path(os.path.abspath(os.path.expanduser(args.target)))
+        python = interpreter_path()
+        if not target.is_dir():
+            raise SetupError(f"{target} does not exist; install into it first (--target {target})")
+    elif args.venv or dev:
+        venv = REPO_ROOT / ".venv" if dev else Path(os.path.abspath(os.path.expanduser(args.venv)))
+        python_path = venv_python(venv)
+        if not python_path.exists():
+            raise SetupError(
+                f"no venv at {venv}; create it first (vendor_setup.py {'--dev' if dev else '--venv'})"
+            )
+        python = str(python_path)
+    else:
+        python = interpreter_path()
+    dists, meta = check_names(dev, args.packages)
+    if args.dry_run:
+        log(f"would check {', '.join(dists + meta)} with {python}" + (f" and {target}" if target else ""))
+        return 0
+    report = run_check(python, target, dists, meta)
+    if args.json:
+        print(json.dumps(report), flush=True)
+    else:
+        print_report(report)
+    return 0 if report["ok"] else 1
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vendor_setup.py",
+        description="Install the DiT360 worker's Python packages for a given Python.",
+        epilog="examples:" + __doc__.split("Examples:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--target", metavar="DIR", help="pip install --target DIR with this Python (Blender)")
+    mode.add_argument("--venv", metavar="DIR", help="create a venv at DIR and install into it")
+    mode.add_argument(
+        "--dev", action="store_true", help="create/refresh .venv/ at the repo root (Python 3.11)"
+    )
+    p.add_argument("--torch", choices=TORCH_CHOICES, help="torch build (default: auto; --dev: local)")
+    p.add_argument("--torch-index", metavar="URL", help="index URL for --torch cuda/cpu")
+    p.add_argument("--check", action="store_true", help="report what imports, and the torch device")
+    p.add_argument("--json", action="store_true", help="with --check: print one JSON object")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--force", action="store_true", help="reinstall even when the stamp matches")
+    # Testing aid: install/check only these packages (comma separated names or requirements).
+    p.add_argument("--packages", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.packages is not None:
+        args.packages = [x.strip() for x in args.packages.split(",") if x.strip()]
+        if not args.packages:
+            parser.error("--packages needs at least one name")
+    if args.json and not args.check:
+        parser.error("--json only goes with --check")
+    try:
+        if args.check:
+            return cmd_check(args)
+        if args.target:
+            return cmd_target(args)
+        if args.venv:
+            return cmd_venv(args)
+        if args.dev:
+            return cmd_dev(args)
+    except SetupError as exc:
+        print(f"vendor_setup: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("vendor_setup: interrupted", file=sys.stderr, flush=True)
+        return 130
+    parser.error("choose one of --target DIR, --venv DIR or --dev (or --check)")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
