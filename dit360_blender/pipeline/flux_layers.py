@@ -155,6 +155,11 @@ def _layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
+def _clip_fp16(x: Tensor) -> Tensor:
+    """fp16 overflows to inf in the text stream of late blocks; clamp as the reference does."""
+    return x.clamp(-65504, 65504) if x.dtype == torch.float16 else x
+
+
 def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=num_heads)
     return q, k, v
@@ -213,7 +218,7 @@ class DoubleStreamBlock(nn.Module):
         img = img + img_mod2.gate * self.img_mlp(img_mod2.apply(self.img_norm2(img)))
         txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
         txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.apply(self.txt_norm2(txt)))
-        return img, txt
+        return img, _clip_fp16(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -239,7 +244,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = _split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe=pe)
-        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+        return _clip_fp16(x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)))
 
 
 class LastLayer(nn.Module):
