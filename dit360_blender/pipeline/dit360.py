@@ -13,9 +13,12 @@ from torch import Tensor
 from .autoencoder import AutoEncoder, load_autoencoder
 from .errors import BadParametersError, DeviceError
 from .flux_checkpoint import infer_params, load_flux_transformer, read_shapes
+from .flux_layers import set_attention_backend
 from .flux_model import Flux
+from .fp8 import enable_fp8_matmul, fp8_matmul_supported
 from .hub import FLUX_REPO, LORA_REPO, ModelPaths
 from .lora import LoraMerger, load_lora
+from .memory import MemoryPlan, plan_memory, resident_block_budget
 from .sampling import (
     PATCH,
     VAE_DOWNSCALE,
@@ -31,6 +34,7 @@ from .sampling import (
     wrap_pad,
     wrap_pad_ids,
 )
+from .streaming import BlockStreamer, module_bytes, move_except, spread_indices
 from .text_encoders import TextEncoders
 
 T5_MAX_LENGTH = 512
@@ -131,6 +135,8 @@ class DiT360Pipeline:
         device: torch.device,
         dtype: torch.dtype,
         model_info: dict,
+        plan: MemoryPlan | None = None,
+        streamers: list[BlockStreamer] | None = None,
     ) -> None:
         self.text_encoders = text_encoders
         self.transformer = transformer
@@ -138,6 +144,8 @@ class DiT360Pipeline:
         self.device = device
         self.dtype = dtype
         self.model_info = model_info
+        self.plan = plan or MemoryPlan("resident", False, False, False, None)
+        self.streamers = streamers or []
 
     @classmethod
     def load(
@@ -147,26 +155,44 @@ class DiT360Pipeline:
         dtype: str | torch.dtype = "bf16",
         lora_strength: float = 1.0,
         axes_dim: list[int] | None = None,
+        memory_mode: str = "resident",
+        vram_budget_gib: float | None = None,
+        attention: str = "auto",
     ) -> DiT360Pipeline:
-        """Load the text encoders, the transformer with the LoRA merged, and the VAE."""
+        """Load the text encoders, the transformer with the LoRA merged, and the VAE.
+
+        `memory_mode` is one of `memory.MEMORY_MODES` (see there); `vram_budget_gib` bounds the
+        `stream` mode; `attention` picks the SDPA backend (`auto` prefers cuDNN on Hopper).
+        """
         device = pick_device(device) if isinstance(device, str) else device
         dtype = _dtype(dtype)
+        plan = plan_memory(memory_mode, device, vram_budget_gib)
+        set_attention_backend(attention, device)
+        text_device = "cpu" if plan.stream_text_encoder else device
         text_encoders = TextEncoders.load(
             paths.text_encoder,
             paths.tokenizer,
             paths.text_encoder_2,
             paths.tokenizer_2,
             dtype=dtype,
-            device=device,
+            device=text_device,
         )
         merge = None
         if paths.lora is not None and lora_strength != 0.0:
             params = infer_params(read_shapes(paths.transformer), axes_dim)
             merge = LoraMerger(load_lora(paths.lora), params, lora_strength)
         transformer = load_flux_transformer(
-            paths.transformer, dtype=dtype, device=device, axes_dim=axes_dim, merge=merge
+            paths.transformer,
+            dtype=dtype,
+            device="cpu" if plan.stream_transformer else device,
+            axes_dim=axes_dim,
+            merge=merge,
+            quantize_fp8=plan.quantize_fp8,
+            work_device=device,
         )
+        enable_fp8_matmul(transformer, fp8_matmul_supported(device))
         vae = load_autoencoder(paths.vae, dtype=dtype, device=device)
+        streamers = _place_for_streaming(plan, device, text_encoders, transformer, vae)
         info = {
             "model": FLUX_REPO,
             "transformer": Path(paths.transformer).name,
@@ -175,8 +201,9 @@ class DiT360Pipeline:
             "lora_strength": lora_strength,
             "dtype": str(dtype).removeprefix("torch."),
             "device": device.type,
+            "memory_mode": plan.mode,
         }
-        return cls(text_encoders, transformer, vae, device, dtype, info)
+        return cls(text_encoders, transformer, vae, device, dtype, info, plan, streamers)
 
     def generate(
         self,
@@ -234,6 +261,40 @@ class DiT360Pipeline:
             "noise": "torch CPU generator, float32",
         }
         return Generation(image=image, request=request, metadata=metadata, timings=timings)
+
+
+DEFAULT_IMAGE_TOKENS = 64 * 130  # 2048x1024 with DiT360's two wrap columns
+STREAM_PREFETCH = 2
+
+
+def _place_for_streaming(
+    plan: MemoryPlan, device: torch.device, text: TextEncoders, transformer: Flux, vae: AutoEncoder
+) -> list[BlockStreamer]:
+    """Move what always stays to the device and set up streaming for the rest (fp8/stream modes)."""
+    streamers = []
+    if plan.stream_text_encoder:
+        t5_blocks = list(text.t5.encoder.block)
+        streamers.append(BlockStreamer(t5_blocks, device, range(len(t5_blocks)), STREAM_PREFETCH))
+        move_except(text.t5, t5_blocks, device)  # the embedding and the final norm
+        text.clip.to(device)
+    if not plan.stream_transformer:
+        return streamers
+    blocks = [*transformer.double_blocks, *transformer.single_blocks]
+    block_bytes = [module_bytes(b) for b in blocks]
+    for name, module in transformer.named_children():
+        if name not in ("double_blocks", "single_blocks"):
+            module.to(device)
+    fixed = module_bytes(transformer) - sum(block_bytes) + module_bytes(vae) + module_bytes(text.clip)
+    fixed += module_bytes(text.t5) - sum(module_bytes(b) for b in text.t5.encoder.block)
+    room = resident_block_budget(plan, DEFAULT_IMAGE_TOKENS, fixed, max(block_bytes), STREAM_PREFETCH)
+    resident = 0
+    for size in sorted(block_bytes):
+        if room < size:
+            break
+        room, resident = room - size, resident + 1
+    streamed = spread_indices(len(blocks), len(blocks) - resident)
+    streamers.append(BlockStreamer(blocks, device, streamed, STREAM_PREFETCH))
+    return streamers
 
 
 def _dtype(value: str | torch.dtype) -> torch.dtype:

@@ -22,11 +22,12 @@ from torch import Tensor, nn
 
 from .errors import BadCheckpointError, WeightsMissingError
 from .flux_model import FLUX_DEV, Flux, FluxParams
+from .fp8 import Fp8Linear, quantize_rowwise
 from .safetensors_io import open_safetensors, safetensors_files_in
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+QUANTIZABLE = ("double_blocks.", "single_blocks.")  # embedders and the final layer stay in dtype
 
 # ---------------------------------------------------------------------------------------------
 # The BFL <-> diffusers key map. Each BFL Linear is made of one or more diffusers Linears stacked
@@ -272,29 +273,6 @@ def infer_params(shapes: dict[str, tuple[int, ...]], axes_dim: list[int] | None 
 # fp8 Linear layers
 
 
-class Fp8Linear(nn.Module):
-    """A Linear whose weight stays in fp8 and is upcast (times its scale) in every forward."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn), False)
-        self.bias = nn.Parameter(torch.empty(out_features), False) if bias else None
-        self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32))
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = (self.weight.to(torch.float32) * self.scale_weight).to(x.dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return nn.functional.linear(x, weight, bias)
-
-
-def quantize_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-tensor scaled e4m3fn quantisation: (fp8 weight, fp32 scale)."""
-    w = weight.float()
-    scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
-    return (w / scale).to(torch.float8_e4m3fn), scale.reshape(())
-
-
 def _use_fp8_linears(model: Flux, fp8_keys: set[str]) -> None:
     for key in fp8_keys:
         module_name = key.rsplit(".", 1)[0]
@@ -319,12 +297,19 @@ def load_flux_transformer(
     device: str | torch.device = "cpu",
     axes_dim: list[int] | None = None,
     merge: TensorHook | None = None,
+    quantize_fp8: bool = False,
+    work_device: str | torch.device | None = None,
 ) -> Flux:
     """Build the transformer from any supported checkpoint.
 
     `merge(key, fp32_tensor) -> fp32_tensor` is applied to every weight before it is cast, which
     is where the LoRA is merged (in fp32, before any rounding to bf16/fp16/fp8).
+    `quantize_fp8` stores the blocks' Linear weights in fp8 with per-row scales, quantised from
+    the merged fp32 weight one tensor at a time (so the full bf16 model never exists on the GPU).
+    fp8 checkpoints always load as fp8. `work_device` (default: `device`) is where the merge and
+    the quantisation run, e.g. the GPU while the weights end up in host memory for streaming.
     """
+    work_device = work_device or device
     shapes = read_shapes(path)
     params = infer_params(shapes, axes_dim)
     with torch.device("meta"):
@@ -337,16 +322,22 @@ def load_flux_transformer(
     fp8_keys: set[str] = set()
     scales: dict[str, Tensor] = {}
     for key, tensor in iter_bfl_tensors(path):
-        if key.endswith(".scale_weight"):
+        if key.endswith(".scale_weight"):  # per-tensor scales of scaled-fp8 files
             scales[key] = tensor.float().reshape(())
             continue
         if key.endswith(".scale_input"):  # activation scales of scaled-fp8 files: unused when upcasting
             continue
-        state[key] = _prepare(key, tensor, dtype, device, merge, scales, fp8_keys)
+        quantize = (
+            quantize_fp8 and tensor.ndim == 2 and key.startswith(QUANTIZABLE) and key.endswith(".weight")
+        )
+        state[key] = _prepare(key, tensor, dtype, device, work_device, merge, scales, fp8_keys, quantize)
     _use_fp8_linears(model, fp8_keys)
     for key in fp8_keys:
         scale_key = key[: -len("weight")] + "scale_weight"
-        state[scale_key] = scales.get(scale_key, torch.ones(())).to(device)
+        rows = state[key].shape[0]
+        state[scale_key] = (
+            scales.get(scale_key, torch.ones(())).to(device, torch.float32).expand(rows, 1).contiguous()
+        )
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -362,27 +353,27 @@ def _prepare(
     tensor: Tensor,
     dtype: torch.dtype,
     device: str | torch.device,
+    work_device: str | torch.device,
     merge: TensorHook | None,
     scales: dict[str, Tensor],
     fp8_keys: set[str],
+    quantize: bool,
 ) -> Tensor:
-    is_fp8 = tensor.dtype in FP8_DTYPES and tensor.ndim == 2
-    if not is_fp8:
-        tensor = tensor.float() if merge else tensor
-        if merge:
-            tensor = merge(key, tensor)
-        return tensor.to(device=device, dtype=dtype)
-    fp8_keys.add(key)
     scale_key = key[: -len("weight")] + "scale_weight"
-    if merge is None:
+    stored_fp8 = tensor.dtype in FP8_DTYPES and tensor.ndim == 2
+    if stored_fp8 and merge is None:
+        fp8_keys.add(key)
         return tensor.to(device)
-    # Dequantise, merge in fp32, requantise with a fresh per-tensor scale.
-    w = tensor.float() * scales.get(scale_key, torch.ones(()))
-    merged = merge(key, w)
-    if merged is w:
-        return tensor.to(device)
-    q, scale = quantize_fp8(merged)
-    scales[scale_key] = scale
+    if stored_fp8:  # dequantise so the LoRA can be merged in fp32
+        tensor = tensor.float() * scales.get(scale_key, torch.ones(()))
+        quantize = True
+    if merge is not None:
+        tensor = merge(key, tensor.to(work_device).float())
+    if not quantize:
+        return tensor.to(device=device, dtype=dtype)
+    q, scale = quantize_rowwise(tensor.to(work_device))
+    fp8_keys.add(key)
+    scales[scale_key] = scale.to(device)
     return q.to(device)
 
 

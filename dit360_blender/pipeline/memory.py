@@ -1,0 +1,93 @@
+"""Memory modes: how the models are placed on the device.
+
+* `resident` — everything on the device in the chosen dtype (bf16: ~24 GB transformer + 9.5 GB
+  T5 + the rest; the fastest when it fits).
+* `fp8` — the transformer's block weights in fp8 with per-row scales (half the memory, fp8
+  matmuls on Ada/Hopper/Blackwell); the T5 encoder stays in pinned host memory and is streamed
+  through the GPU block by block while encoding, so it never holds VRAM during sampling.
+  The whole job peaks around 15 GB.
+* `stream` — like `fp8`, and only as many transformer blocks stay on the GPU as the VRAM budget
+  allows; the others are copied from pinned host memory one or two blocks ahead on a side
+  stream, hidden behind computation as far as the host link allows. CUDA only.
+* `auto` — picks from the free VRAM: resident ≥ 40 GiB, fp8 ≥ 20 GiB, else stream with the free
+  memory (less a margin) as the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BadParametersError, DeviceError
+
+MEMORY_MODES = ("auto", "resident", "fp8", "stream")
+GIB = 2**30
+AUTO_RESIDENT_GIB, AUTO_FP8_GIB, AUTO_MARGIN_GIB = 40.0, 20.0, 1.0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    mode: str
+    quantize_fp8: bool
+    stream_text_encoder: bool
+    stream_transformer: bool
+    vram_budget: int | None  # bytes, for `stream`
+
+    @property
+    def tiled_vae(self) -> bool:
+        return self.stream_transformer
+
+
+def plan_memory(mode: str, device: torch.device, vram_budget_gib: float | None = None) -> MemoryPlan:
+    if mode not in MEMORY_MODES:
+        raise BadParametersError(
+            f"Unknown memory mode {mode!r}.", f"Choose one of {', '.join(MEMORY_MODES)}."
+        )
+    if mode == "auto":
+        mode, vram_budget_gib = _auto(device, vram_budget_gib)
+    if mode == "resident":
+        return MemoryPlan("resident", False, False, False, None)
+    if device.type != "cuda" and mode == "stream":
+        raise DeviceError(
+            f"The 'stream' memory mode needs a CUDA GPU; this job runs on {device.type}.",
+            "Choose 'resident' or 'fp8' (or 'auto').",
+        )
+    if mode == "fp8":
+        return MemoryPlan("fp8", True, device.type == "cuda", False, None)
+    if vram_budget_gib is None:
+        vram_budget_gib = torch.cuda.mem_get_info(device)[0] / GIB - AUTO_MARGIN_GIB
+    if vram_budget_gib < 4:
+        raise BadParametersError(
+            f"A VRAM budget of {vram_budget_gib:.1f} GiB is too small for DiT360 at 2048x1024.",
+            "Give at least 6 GiB (8 GiB recommended), or close other programs using the GPU.",
+        )
+    return MemoryPlan("stream", True, True, True, int(vram_budget_gib * GIB))
+
+
+def _auto(device: torch.device, budget_gib: float | None) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "resident", None
+    free = torch.cuda.mem_get_info(device)[0] / GIB
+    if budget_gib is not None:
+        free = min(free, budget_gib)
+    if free >= AUTO_RESIDENT_GIB:
+        return "resident", None
+    if free >= AUTO_FP8_GIB:
+        return "fp8", None
+    return "stream", free - AUTO_MARGIN_GIB
+
+
+def resident_block_budget(
+    plan: MemoryPlan, image_tokens: int, fixed_bytes: int, largest_block: int, prefetch: int
+) -> int:
+    """Bytes left for resident transformer blocks once everything else a job needs is set aside.
+
+    Set aside: the weights that always stay (embedders, CLIP, the VAE, T5's embedding), the
+    streaming slots, and the activations — about 160 KB per token of the joint sequence for the
+    largest block in bf16 (linear1's output, fp32 q/k for RoPE, the MLP), with 0.5 GiB slack for
+    the tiled VAE decode and allocator fragmentation.
+    """
+    tokens = image_tokens + 512
+    activations = tokens * 160_000 + GIB // 2
+    return plan.vram_budget - fixed_bytes - activations - (prefetch + 1) * largest_block

@@ -1,0 +1,58 @@
+"""Memory modes on the CPU: the ones that can run here give resident's image; the others refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit360_blender.pipeline.dit360 import DiT360Pipeline, GenerateRequest
+from dit360_blender.pipeline.errors import BadParametersError, DeviceError
+from dit360_blender.pipeline.fp8 import Fp8Linear, quantize_rowwise
+from dit360_blender.pipeline.memory import plan_memory
+from dit360_blender.pipeline.streaming import spread_indices
+
+REQUEST = dict(prompt="This is a panorama. A canyon at noon", seed=3, steps=3, width=128, height=64)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def test_fp8_mode_matches_resident_within_fp8_tolerance(tiny_paths):
+    resident = DiT360Pipeline.load(tiny_paths, device="cpu", dtype="fp32", memory_mode="resident")
+    fp8 = DiT360Pipeline.load(tiny_paths, device="cpu", dtype="fp32", memory_mode="fp8")
+    layer = fp8.transformer.single_blocks[0].linear1
+    assert isinstance(layer, Fp8Linear) and layer.weight.dtype == torch.float8_e4m3fn
+    assert fp8.transformer.img_in.weight.dtype == torch.float32  # embedders stay in dtype
+    a = resident.generate(GenerateRequest(**REQUEST)).image
+    b = fp8.generate(GenerateRequest(**REQUEST)).image
+    err = rel(b, a)
+    assert 0 < err < 0.1, err
+
+
+def test_auto_is_resident_on_cpu_and_stream_refuses_clearly():
+    assert plan_memory("auto", torch.device("cpu")).mode == "resident"
+    with pytest.raises(DeviceError, match="CUDA") as exc:
+        plan_memory("stream", torch.device("cpu"))
+    assert "resident" in exc.value.hint
+    with pytest.raises(BadParametersError):
+        plan_memory("turbo", torch.device("cpu"))
+
+
+def test_rowwise_quantisation_error_is_bounded():
+    """Per-row e4m3: each weight within half a step of 3 mantissa bits of its row's scale."""
+    w = torch.randn(64, 48, dtype=torch.float64) * torch.logspace(-3, 1, 64, dtype=torch.float64)[:, None]
+    q, scale = quantize_rowwise(w)
+    back = q.double() * scale.double()
+    row_max = w.abs().amax(dim=1, keepdim=True)
+    assert ((back - w).abs() <= row_max * 2**-4 + 1e-12).all()
+    assert ((back - w).abs() / row_max).mean() < 0.02
+
+
+def test_streamed_blocks_are_spread_evenly():
+    assert spread_indices(10, 0) == []
+    assert spread_indices(10, 10) == list(range(10))
+    picked = spread_indices(57, 19)
+    assert len(picked) == 19 and len(set(picked)) == 19
+    gaps = [b - a for a, b in zip(picked, picked[1:])]
+    assert max(gaps) - min(gaps) <= 1
