@@ -205,6 +205,12 @@ class DiT360Pipeline:
         }
         return cls(text_encoders, transformer, vae, device, dtype, info, plan, streamers)
 
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (1, 16, H/8, W/8) → RGB float (3, H, W) in [0, 1] on the CPU."""
+        with torch.inference_mode():
+            decoded = self.vae.decode(latents.to(self.device, self.dtype))
+        return (decoded[0].float() / 2 + 0.5).clamp(0, 1).cpu()
+
     def generate(
         self,
         request: GenerateRequest,
@@ -248,10 +254,7 @@ class DiT360Pipeline:
 
         stage("decoding")
         t0 = time.perf_counter()
-        z = unpack(crop_pad(x, grid_h, grid_w), grid_h, grid_w)
-        with torch.inference_mode():
-            decoded = self.vae.decode(z.to(self.dtype))
-        image = (decoded[0].float() / 2 + 0.5).clamp(0, 1).cpu()
+        image = self.decode(unpack(crop_pad(x, grid_h, grid_w), grid_h, grid_w))
         timings["decode_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - start
         metadata = {

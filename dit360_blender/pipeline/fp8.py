@@ -65,7 +65,11 @@ class Fp8Linear(nn.Module):
         if self.use_scaled_mm and rows % _MIN_SCALED_MM_ROWS == 0 and x.is_cuda:
             return self._scaled_forward(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantized(x.dtype), bias)
+        if x.dtype == torch.float16:  # fp16 could overflow on unscaled fp8 values (up to 448)
+            return F.linear(x, self.dequantized(x.dtype), bias)
+        # Scale the output rows instead of the weight: one cast of the weight, no fp32 copy of it.
+        out = F.linear(x, self.weight.to(x.dtype)) * self.scale_weight.t().to(x.dtype)
+        return out + bias if bias is not None else out
 
     def _scaled_forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -73,15 +77,22 @@ class Fp8Linear(nn.Module):
         xq = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         bias = self.bias.to(out_dtype) if self.bias is not None else None
-        out = torch._scaled_mm(
-            xq,
-            self.weight.t(),
-            scale_a=x_scale,
-            scale_b=self.scale_weight.t(),
-            bias=bias,
-            out_dtype=out_dtype,
-        )
+        scale_b = self.scale_weight.t().contiguous()
+        if bias is not None and _SCALED_MM_BIAS[0]:
+            try:
+                out = torch._scaled_mm(
+                    xq, self.weight.t(), scale_a=x_scale, scale_b=scale_b, bias=bias, out_dtype=out_dtype
+                )
+                return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            except RuntimeError:  # some PyTorch builds refuse a bias with row-wise scales
+                _SCALED_MM_BIAS[0] = False
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=out_dtype)
+        if bias is not None:
+            out = out + bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+_SCALED_MM_BIAS = [True]  # flips to False once if this build can't fuse the bias
 
 
 def enable_fp8_matmul(model: nn.Module, enabled: bool) -> None:

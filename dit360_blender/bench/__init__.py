@@ -1,0 +1,1 @@
+"""Speed and memory benchmark: `python -m dit360_blender.bench` (see `run.py`)."""

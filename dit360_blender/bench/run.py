@@ -1,0 +1,402 @@
+"""`python -m dit360_blender.bench`: speed and memory of every memory mode, on random weights.
+
+Builds the full-size model set with random weights (no download), then for each mode measures
+the transformer step (median of >= 5 after warm-up, CUDA events), text encoding, VAE decode, a
+whole 28-step job, peak VRAM (`max_memory_allocated`) and host RSS; and, when diffusers is
+installed, the diffusers `FluxTransformer2DModel` eager step on the same card in the same run, so
+every figure can be given as a ratio to it. Writes JSON and a markdown table.
+
+`--tiny` runs the same code on a tiny model set (a smoke test that runs on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..pipeline.dit360 import DEFAULT_IMAGE_TOKENS, DiT360Pipeline, GenerateRequest
+from ..pipeline.fp8 import Fp8Linear
+from ..pipeline.hub import resolve_model_paths
+from ..pipeline.sampling import image_ids, wrap_pad_ids
+from .synthetic import FULL, TINY, write_synthetic_models
+
+PROMPT = "This is a panorama. A sunny alpine lake surrounded by pine forest and snowy peaks."
+GIB = 2**30
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dit360_blender.bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test)")
+    parser.add_argument(
+        "--work", type=Path, help="folder for the random model files (default: a temp folder)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench_results"), help="folder for results.json and results.md"
+    )
+    parser.add_argument("--modes", default="resident,fp8,stream:8,stream:12,stream:16,stream:24")
+    parser.add_argument(
+        "--jobs", default="resident,fp8,stream:8", help="modes that also run whole 28-step jobs"
+    )
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time regional torch.compile in fp8 mode")
+    parser.add_argument(
+        "--cold-load", action="store_true", help="also measure cold load against raw file reads"
+    )
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    bench.run()
+    return 0
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.spec = TINY if args.tiny or not self.cuda else FULL
+        self.width, self.height = (2048, 1024) if self.spec is FULL else (128, 64)
+        self.results: dict = {"env": self._env(), "modes": {}, "notes": []}
+        args.out.mkdir(parents=True, exist_ok=True)
+
+    # -- driver --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        work = self.args.work or Path(tempfile.mkdtemp(prefix="dit360-bench-"))
+        t0 = time.perf_counter()
+        write_synthetic_models(work, self.spec, device=str(self.device))
+        self.results["synthetic_write_s"] = time.perf_counter() - t0
+        self.paths = resolve_model_paths(models_dir=work)
+        self.results["pinned_h2d_gbps"] = self._h2d_bandwidth()
+        if not self.args.no_diffusers:
+            self._diffusers_baseline()
+        for mode in self.args.modes.split(","):
+            self._run_mode(mode.strip())
+        if self.args.compile and self.cuda:
+            self._compiled("fp8")
+        if self.args.cold_load:
+            self._cold_load(work)
+        self._save()
+
+    def _run_mode(self, mode: str) -> None:
+        name, _, budget = mode.partition(":")
+        if name == "stream" and not self.cuda:
+            self.results["modes"][mode] = {"skipped": "needs CUDA"}
+            return
+        _free()
+        _reset_peak()
+        t0 = time.perf_counter()
+        pipe = DiT360Pipeline.load(
+            self.paths, device=self.device, dtype="bf16" if self.cuda else "fp32",
+            memory_mode=name, vram_budget_gib=float(budget) if budget else None,
+        )  # fmt: skip
+        record: dict = {"load_s": time.perf_counter() - t0, "rss_gib": _rss() / GIB}
+        record["step_s"] = self._transformer_step(lambda *a: pipe.transformer(*a), pipe.dtype)
+        record["encode_s"] = self._median(lambda: pipe.text_encoders.encode(PROMPT), 3)
+        z = torch.randn(1, 16, self.height // 8, self.width // 8, device=self.device)
+        record["decode_s"] = self._median(lambda: pipe.decode(z), 3)
+        if pipe.streamers:
+            record["streamed_gib"] = (
+                pipe.streamers[-1].streamed_bytes / GIB if pipe.plan.stream_transformer else 0.0
+            )
+        if mode in self.args.jobs.split(","):
+            request = GenerateRequest(
+                PROMPT, seed=1, steps=self.args.steps, width=self.width, height=self.height
+            )
+            pipe.generate(request)  # warm
+            _reset_peak()
+            t0 = time.perf_counter()
+            result = pipe.generate(request)
+            _sync()
+            record["job_s"] = time.perf_counter() - t0
+            record["job_timings"] = result.timings
+            record["job_peak_gib"] = _peak() / GIB
+            torch.save(result.image.half(), self.args.out / f"image_{name}_{budget or 'x'}.pt")
+        record["peak_gib"] = _peak() / GIB
+        if name == "fp8":
+            record["fp8_layer_error"] = self._fp8_layer_error(pipe)
+        self.results["modes"][mode] = record
+        print(f"[{mode}] {json.dumps(record, default=float)}", flush=True)
+        self._save()
+        for streamer in pipe.streamers:
+            streamer.close()
+
+    # -- measurements --------------------------------------------------------------------------
+
+    def _inputs(self, dtype: torch.dtype, flux_params) -> tuple:
+        grid_h, grid_w = self.height // 16, self.width // 16
+        ids = wrap_pad_ids(image_ids(grid_h, grid_w), grid_h, grid_w).to(self.device)
+        n = ids.shape[0]
+        gen = torch.Generator(self.device).manual_seed(0)
+        img = torch.randn(1, n, 64, device=self.device, generator=gen, dtype=dtype)
+        txt = torch.randn(1, 512, flux_params.context_in_dim, device=self.device, generator=gen, dtype=dtype)
+        vec = torch.randn(1, flux_params.vec_in_dim, device=self.device, generator=gen, dtype=dtype)
+        t = torch.full((1,), 0.7, device=self.device)
+        g = torch.full((1,), 2.8, device=self.device)
+        return img, ids, txt, torch.zeros(512, 3, device=self.device), t, vec, g
+
+    def _transformer_step(self, forward: Callable, dtype: torch.dtype) -> float:
+        img, ids, txt, txt_ids, t, vec, g = self._inputs(dtype, self.spec.flux)
+
+        def step():
+            with torch.inference_mode():
+                forward(img, ids[None], txt, txt_ids[None], t, vec, g)
+
+        return self._median(step, self.args.repeats)
+
+    def _median(self, fn: Callable, repeats: int, warmup: int = 2) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def _diffusers_baseline(self) -> None:
+        try:
+            from diffusers import FluxTransformer2DModel
+        except ImportError:
+            self.results["notes"].append("diffusers not installed: no baseline")
+            return
+        p = self.spec.flux
+        _free()
+        _reset_peak()
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in bf16 directly: an fp32 12B model would not fit beside it
+        with torch.device(self.device):
+            model = FluxTransformer2DModel(
+                in_channels=64, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
+                attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
+                joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim,
+                guidance_embeds=True, axes_dims_rope=tuple(p.axes_dim),
+            ).eval()  # fmt: skip
+        torch.set_default_dtype(previous)
+
+        def forward(img, ids, txt, txt_ids, t, vec, g):
+            return model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=vec, timestep=t,
+                         guidance=g, img_ids=ids[0], txt_ids=txt_ids[0], return_dict=False)[0]  # fmt: skip
+
+        record = {"step_s": self._transformer_step(forward, dtype), "peak_gib": _peak() / GIB}
+        self.results["diffusers"] = record
+        print(f"[diffusers] {record}", flush=True)
+
+    def _fp8_layer_error(self, pipe: DiT360Pipeline) -> dict:
+        """Relative error of a few fp8 layers against their bf16 dequantised weights, on real-sized inputs."""
+        errors = {}
+        for name, module in pipe.transformer.named_modules():
+            if isinstance(module, Fp8Linear) and name.endswith(
+                ("img_attn.qkv", "linear1", "linear2", "img_mlp.0")
+            ):
+                if not name.startswith(
+                    ("double_blocks.0.", "double_blocks.9.", "single_blocks.0.", "single_blocks.20.")
+                ):
+                    continue
+                if module.weight.device.type != self.device.type:
+                    continue  # streamed layer, host-resident between uses
+                x = torch.randn(
+                    DEFAULT_IMAGE_TOKENS + 512 if self.cuda else 64,
+                    module.in_features,
+                    device=self.device,
+                    dtype=pipe.dtype,
+                )
+                with torch.inference_mode():
+                    ref = torch.nn.functional.linear(
+                        x.float(),
+                        module.dequantized(torch.float32),
+                        None if module.bias is None else module.bias.float(),
+                    )
+                    got = module(x).float()
+                errors[name] = ((got - ref).norm() / ref.norm()).item()
+        return errors
+
+    def _compiled(self, mode: str) -> None:
+        _free()
+        pipe = DiT360Pipeline.load(self.paths, device=self.device, dtype="bf16", memory_mode=mode)
+        t0 = time.perf_counter()
+        for block in [*pipe.transformer.double_blocks, *pipe.transformer.single_blocks]:
+            block.compile(dynamic=False)
+        record = {"step_s": self._transformer_step(lambda *a: pipe.transformer(*a), pipe.dtype)}
+        record["compile_and_first_steps_s"] = time.perf_counter() - t0
+        self.results["modes"][f"{mode}+compile"] = record
+        print(f"[{mode}+compile] {record}", flush=True)
+        self._save()
+
+    def _h2d_bandwidth(self) -> float | None:
+        if not self.cuda:
+            return None
+        host = torch.empty(2 * GIB, dtype=torch.uint8).pin_memory()
+        dev = torch.empty_like(host, device=self.device)
+        seconds = self._median(lambda: dev.copy_(host, non_blocking=True), 5)
+        return 2 * GIB / seconds / 1e9
+
+    def _cold_load(self, work: Path) -> None:
+        files = sorted(
+            p for p in work.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".model")
+        )
+        dropped = _drop_page_cache(files)
+        t0 = time.perf_counter()
+        total = sum(_read_all(f) for f in files)
+        read_s = time.perf_counter() - t0
+        _drop_page_cache(files)
+        _free()
+        t0 = time.perf_counter()
+        pipe = DiT360Pipeline.load(self.paths, device=self.device, dtype="bf16" if self.cuda else "fp32")
+        _sync()
+        load_s = time.perf_counter() - t0
+        del pipe
+        self.results["cold_load"] = {
+            "bytes": total,
+            "read_s": read_s,
+            "load_s": load_s,
+            "ratio": load_s / read_s,
+            "page_cache_dropped": dropped,
+        }
+        print(f"[cold load] {self.results['cold_load']}", flush=True)
+
+    # -- output --------------------------------------------------------------------------------
+
+    def _env(self) -> dict:
+        env = {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["cuda"] = torch.version.cuda
+            env["driver"] = _driver_version()
+        try:
+            import diffusers
+
+            env["diffusers"] = diffusers.__version__
+        except ImportError:
+            pass
+        return env
+
+    def _save(self) -> None:
+        (self.args.out / "results.json").write_text(json.dumps(self.results, indent=2, default=float))
+        (self.args.out / "results.md").write_text(markdown_table(self.results))
+
+
+def markdown_table(results: dict) -> str:
+    base = results.get("diffusers", {}).get("step_s")
+    lines = [
+        "| mode | step s | × diffusers | encode s | decode s | 28-step job s | job peak GiB | peak GiB | streamed GiB | load s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if base:
+        lines.append(
+            f"| diffusers eager (baseline) | {base:.3f} | 1.00 | | | | | {results['diffusers']['peak_gib']:.1f} | | |"
+        )
+    for mode, r in results["modes"].items():
+        if "skipped" in r:
+            lines.append(f"| {mode} | skipped: {r['skipped']} |||||||||")
+            continue
+        ratio = f"{r['step_s'] / base:.2f}" if base else "–"
+
+        def cell(key: str, fmt: str = "{:.3f}", r: dict = r) -> str:
+            return fmt.format(r[key]) if key in r else ""
+
+        lines.append(
+            f"| {mode} | {r['step_s']:.3f} | {ratio} | {cell('encode_s')} | {cell('decode_s')} | {cell('job_s', '{:.2f}')} "
+            f"| {cell('job_peak_gib', '{:.2f}')} | {cell('peak_gib', '{:.2f}')} | {cell('streamed_gib', '{:.1f}')} | {cell('load_s', '{:.1f}')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _driver_version() -> str:
+    try:
+        import subprocess
+
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _drop_page_cache(files: list[Path]) -> bool:
+    """Ask the kernel to forget the files' cached pages (Linux); True if it accepted."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    ok = True
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            ok = False
+    return ok
+
+
+def _read_all(path: Path, chunk: int = 64 * 2**20) -> int:
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(view):
+            total += n
+    return total

@@ -1,0 +1,20 @@
+"""The benchmark runs end to end on tiny random models (its GPU figures live in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+
+from dit360_blender.bench.run import main
+
+
+def test_bench_tiny_smoke(tmp_path):
+    out = tmp_path / "results"
+    assert main(["--tiny", "--out", str(out), "--work", str(tmp_path / "models"), "--repeats", "1",
+                 "--steps", "2", "--modes", "resident,fp8,stream:8", "--jobs", "resident"]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["diffusers"]["step_s"] > 0
+    assert results["modes"]["resident"]["job_s"] > 0
+    assert results["modes"]["fp8"]["step_s"] > 0
+    assert results["modes"]["stream:8"] == {"skipped": "needs CUDA"}
+    table = (out / "results.md").read_text()
+    assert "| resident |" in table and "diffusers eager" in table
