@@ -84,7 +84,15 @@ class Bench:
         if not self.args.no_diffusers:
             self._diffusers_baseline()
         for mode in self.args.modes.split(","):
-            self._run_mode(mode.strip())
+            try:
+                self._run_mode(mode.strip())
+            except Exception as exc:  # one broken mode must not lose the others' numbers
+                self.results["modes"][mode.strip()] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:300]}
+                print(f"[{mode}] FAILED: {exc!r}", flush=True)
+                import traceback
+
+                traceback.print_exc()
+                self._save()
         if self.args.compile and self.cuda:
             self._compiled("fp8")
         if self.args.cold_load:

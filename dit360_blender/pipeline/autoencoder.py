@@ -8,6 +8,15 @@ unchanged; a diffusers ``vae/`` folder is converted key by key (``convert_diffus
 The numerics match diffusers' ``AutoencoderKL``: GroupNorm with eps 1e-6, SiLU, attention as
 ``softmax(q k^T / sqrt(C)) v`` over the H*W positions, and the encoder returns the *mean* of the
 latent distribution, so encoding is deterministic.
+
+Two decode options exist for equirectangular panoramas, whose left and right edges are the
+same meridian:
+
+* ``decode(z, wrap=True)``: every 3x3 conv of the decoder pads circularly along the width (zeros
+  along the height), so the decoder sees the panorama as a cylinder and cannot draw a seam.
+  Decoding a latent rolled by k columns gives the image rolled by 8k pixels.
+* ``decode_tiled(z, tile, wrap)``: the same result computed tile by tile with bounded memory
+  (see ``Decoder.forward_tiled``), for 8-12 GB cards at 2048x1024.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,6 +81,20 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
+def _conv3x3(conv: nn.Conv2d, x: Tensor, wrap: bool) -> Tensor:
+    """A 3x3 / padding-1 conv, padded circularly along the width when ``wrap`` is on.
+
+    With ``wrap`` off this is exactly ``conv(x)`` (the checkpoint's zero padding, bit for bit).
+    With it on, one column from the opposite edge is glued to each side and the conv pads only
+    the height with zeros: the conv's own modules and parameter names stay untouched, so
+    ``ae.safetensors`` loads the same either way.
+    """
+    if not wrap:
+        return conv(x)
+    x = torch.cat((x[..., -1:], x, x[..., :1]), dim=-1)
+    return F.conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=(1, 0))
+
+
 class ResnetBlock(nn.Module):
     """Two (GroupNorm, SiLU, 3x3 conv) stages plus a skip; a 1x1 conv on the skip when C changes."""
 
@@ -86,16 +109,25 @@ class ResnetBlock(nn.Module):
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: torch.Tensor, wrap: bool = False) -> torch.Tensor:
+        h = _conv3x3(self.conv1, F.silu(self.norm1(x)), wrap)
+        h = _conv3x3(self.conv2, F.silu(self.norm2(h)), wrap)
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return x + h
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions; q/k/v/out are 1x1 convs (BFL layout)."""
+    """Single-head self-attention over all H*W positions; q/k/v/out are 1x1 convs (BFL layout).
+
+    Above ``query_chunk_size`` positions the queries are processed in chunks against all keys.
+    That is exact (each query's softmax runs over every key) and bounds the score matrix of
+    SDPA's math fallback: at 2048x1024 the latent has 32,768 positions and the head dimension
+    is 512, above the flash/cuDNN limit, so an unchunked math path would materialise a
+    32768^2 matrix (2.1 GB in bf16); 4096 queries at a time hold an eighth of it.
+    """
+
+    query_chunk_size: int = 4096
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
@@ -110,7 +142,15 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # One head of dimension C: (b, 1, h*w, c). SDPA's default scale is 1/sqrt(C).
         q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)
+        chunk = max(1, int(self.query_chunk_size))
+        if q.shape[2] <= chunk:
+            h = F.scaled_dot_product_attention(q, k, v)
+        else:
+            h = torch.empty_like(q)
+            for start in range(0, q.shape[2], chunk):
+                h[:, :, start : start + chunk] = F.scaled_dot_product_attention(
+                    q[:, :, start : start + chunk], k, v
+                )
         h = rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(h)
 
@@ -137,8 +177,10 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, wrap: bool = False) -> torch.Tensor:
+        # Nearest 2x upsampling commutes with rolling the width by whole pixels, so only the
+        # conv needs to know about the wrap.
+        return _conv3x3(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"), wrap)
 
 
 class _MidBlock(nn.Module):
@@ -150,8 +192,9 @@ class _MidBlock(nn.Module):
         self.attn_1 = AttnBlock(channels, groups)
         self.block_2 = ResnetBlock(channels, channels, groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x: torch.Tensor, wrap: bool = False) -> torch.Tensor:
+        # The attention is global (a set operation over all positions), so it is wrap-agnostic.
+        return self.block_2(self.attn_1(self.block_1(x, wrap)), wrap)
 
 
 class Encoder(nn.Module):
@@ -221,14 +264,281 @@ class Decoder(nn.Module):
         self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, p.out_ch, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+    def forward(self, z: torch.Tensor, wrap: bool = False) -> torch.Tensor:
+        h = self.mid(_conv3x3(self.conv_in, z, wrap), wrap)
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)
+                h = block(h, wrap)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                h = level.upsample(h, wrap)
+        return _conv3x3(self.conv_out, F.silu(self.norm_out(h)), wrap)
+
+    def forward_tiled(self, z: Tensor, tile: int, wrap: bool) -> Tensor:
+        """``forward(z, wrap)`` computed over tiles of ``tile`` x ``tile`` latent pixels, with bounded memory.
+
+        A plain tiled decode is not exact: every GroupNorm uses statistics of the whole feature
+        map, and the mid attention is global. Here:
+
+        * everything at the latent resolution (conv_in, the mid block with its attention, the
+          first level's resnets) runs whole: it is small (512 x 128 x 256 at 2048x1024, 64 MB in
+          fp32) and the attention needs every position anyway;
+        * the upsampling path is split into segments at the resnet outputs whose resolution is
+          below the output's, which are stored whole; nothing at the output resolution is, so at
+          2048x1024 the largest stored maps are 256 x 512 x 1024 (512 MB fp32, 256 MB bf16), at
+          most two at a time, next to one tile's working set;
+        * inside a segment, each GroupNorm's per-group mean and variance are gathered in a pass
+          over all tiles that recomputes the segment up to that norm (the earlier norms of the
+          segment applying their already-gathered statistics), then a last pass writes the
+          segment's output. A tile reads a halo of the stored input equal to the receptive
+          field of what it computes, runs its 3x3 convs "valid" inside the map and zero-padded
+          only at the map's true borders, so every tile is exact and no blending is needed.
+          With ``wrap`` the halo of the left/right tiles comes from the opposite edge and no
+          column is a border.
+
+        The price is recomputation: about 3.4x the untiled FLOPs at FLUX's shape (the last
+        segment, the upsample into the output resolution plus its 7 norms, is run once per norm).
+        """
+        h = self.mid(_conv3x3(self.conv_in, z, wrap), wrap)
+        lowest = self.up[-1]
+        for block in lowest.block:
+            h = block(h, wrap)
+        if not hasattr(lowest, "upsample"):  # a single-level decoder: nothing left to upsample
+            return _conv3x3(self.conv_out, F.silu(self.norm_out(h)), wrap)
+
+        latent_hw = (z.shape[-2], z.shape[-1])
+        scale = 1  # resolution of h relative to the latent
+        for segment in _tiled_segments(self):
+            h = _run_segment(segment, h, scale, latent_hw, tile, wrap)
+            scale = segment.out_scale
+        return h
+
+
+# --------------------------------------------------------------------------------------------
+# Exact tiled decoding (Decoder.forward_tiled)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One step of the decoder's upsampling path, flattened so a tile can stop before any norm.
+
+    kind: "conv" (3x3, padding 1), "norm" (GroupNorm then SiLU), "up" (nearest 2x),
+    "push" (remember the input of a resnet block) or "add" (the block's skip, through
+    ``module``, a 1x1 nin_shortcut, when there is one).
+    """
+
+    kind: str
+    module: nn.Module | None = None
+
+
+@dataclass
+class _Segment:
+    """Ops from one stored feature map to the next; ``out_scale`` is the output's resolution / latent's."""
+
+    ops: list[_Op] = field(default_factory=list)
+    out_scale: int = 1
+
+
+def _resnet_ops(block: ResnetBlock) -> list[_Op]:
+    shortcut = block.nin_shortcut if block.in_channels != block.out_channels else None
+    return [
+        _Op("push"),
+        _Op("norm", block.norm1),
+        _Op("conv", block.conv1),
+        _Op("norm", block.norm2),
+        _Op("conv", block.conv2),
+        _Op("add", shortcut),
+    ]
+
+
+def _tiled_segments(decoder: Decoder) -> list[_Segment]:
+    """The decoder after its lowest level's resnets, cut where a feature map is cheap to store.
+
+    A cut follows each resnet block whose resolution is below the output's: those maps are at
+    most a quarter of the output's pixels (256 x 512 x 1024 for FLUX at 2048x1024). Maps at the
+    output resolution are never stored; the last segment recomputes into them instead.
+    """
+    levels = list(reversed(decoder.up))  # lowest resolution first, the order they run in
+    final_scale = 2 ** (len(levels) - 1)
+    segments = [_Segment()]
+    scale = 1
+    for index, level in enumerate(levels):
+        if index > 0:
+            for block in level.block:
+                segments[-1].ops += _resnet_ops(block)
+                if scale < final_scale:
+                    segments[-1].out_scale = scale
+                    segments.append(_Segment())
+        if hasattr(level, "upsample"):
+            segments[-1].ops += [_Op("up"), _Op("conv", level.upsample.conv)]
+            scale *= 2
+    segments[-1].ops += [_Op("norm", decoder.norm_out), _Op("conv", decoder.conv_out)]
+    segments[-1].out_scale = scale
+    return [s for s in segments if s.ops]
+
+
+@dataclass
+class _Window:
+    """The part of a full feature map that a tile tensor holds, in that map's pixels.
+
+    Rows are always inside the map. Columns are too without wrap; with wrap they may run past
+    either edge, column c meaning map column c mod width.
+    """
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    height: int
+    width: int
+
+
+def _input_margin(ops: list[_Op]) -> int:
+    """Halo (in pixels of the segment's input) that ``ops`` need for exact output pixels."""
+    margin = 0
+    for op in reversed(ops):
+        if op.kind == "conv":
+            margin += 1
+        elif op.kind == "up":
+            margin = -(-margin // 2)  # an input pixel covers two output pixels
+    return margin
+
+
+def _conv_window(conv: nn.Module, t: Tensor, win: _Window, wrap: bool) -> tuple[Tensor, _Window]:
+    """A 3x3 conv on a tile: zero padding only where the tile touches the map's true border.
+
+    Elsewhere the conv runs "valid" and the tile loses one pixel on that side; the halo read
+    by ``_run_segment`` pays for it. With wrap there is no left/right border at all.
+    """
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+    pad_top, pad_bottom = int(win.top == 0), int(win.bottom == win.height)
+    pad_left = pad_right = 0
+    if not wrap:
+        pad_left, pad_right = int(win.left == 0), int(win.right == win.width)
+    if pad_top or pad_bottom or pad_left or pad_right:
+        t = F.pad(t, (pad_left, pad_right, pad_top, pad_bottom))
+    t = F.conv2d(t, conv.weight, conv.bias)
+    return t, _Window(
+        win.top + 1 - pad_top,
+        win.bottom - 1 + pad_bottom,
+        win.left + 1 - pad_left,
+        win.right - 1 + pad_right,
+        win.height,
+        win.width,
+    )
+
+
+def _apply_group_norm(norm: nn.GroupNorm, t: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """GroupNorm with given (batch, group) statistics, then SiLU, in float32 like the fused kernel."""
+    b, c, h, w = t.shape
+    g = norm.num_groups
+    y = (t.float().reshape(b, g, c // g, h, w) - mean[:, :, None, None, None]) * rstd[:, :, None, None, None]
+    y = y.reshape(b, c, h, w) * norm.weight.float()[:, None, None] + norm.bias.float()[:, None, None]
+    return F.silu(y.to(t.dtype))
+
+
+def _run_ops(
+    ops: list[_Op], t: Tensor, win: _Window, stats: dict[int, tuple[Tensor, Tensor]], wrap: bool
+) -> tuple[Tensor, _Window]:
+    """Run ``ops`` on one tile; every norm among them must already have its statistics."""
+    stack: list[tuple[Tensor, _Window]] = []
+    for op in ops:
+        if op.kind == "conv":
+            assert op.module is not None
+            t, win = _conv_window(op.module, t, win, wrap)
+        elif op.kind == "norm":
+            assert isinstance(op.module, nn.GroupNorm)
+            t = _apply_group_norm(op.module, t, *stats[id(op)])
+        elif op.kind == "up":
+            t = F.interpolate(t, scale_factor=2.0, mode="nearest")
+            win = _Window(*(2 * v for v in (win.top, win.bottom, win.left, win.right, win.height, win.width)))
+        elif op.kind == "push":
+            stack.append((t, win))
+        elif op.kind == "add":
+            skip, skip_win = stack.pop()
+            # the skip covers more than the conv branch (which lost its halo): crop it first,
+            # so the 1x1 shortcut only runs where it is needed
+            rows = slice(win.top - skip_win.top, win.bottom - skip_win.top)
+            cols = slice(win.left - skip_win.left, win.right - skip_win.left)
+            skip = skip[:, :, rows, cols]
+            if op.module is not None:
+                skip = op.module(skip)
+            t = skip + t
+        else:  # pragma: no cover - the op list is built in this module
+            raise ValueError(f"unknown op {op.kind!r}")
+    return t, win
+
+
+def _tiles(height: int, width: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """Disjoint (top, bottom, left, right) latent rectangles covering the latent; edge tiles may be smaller."""
+    return [
+        (y, min(y + tile, height), x, min(x + tile, width))
+        for y in range(0, height, tile)
+        for x in range(0, width, tile)
+    ]
+
+
+def _run_segment(
+    segment: _Segment, x: Tensor, in_scale: int, latent_hw: tuple[int, int], tile: int, wrap: bool
+) -> Tensor:
+    """The segment's output map from its (whole, stored) input map ``x``, tile by tile.
+
+    First one pass over all tiles per GroupNorm to gather its global statistics (recomputing the
+    segment up to that norm), then one pass that writes each tile's exact core into the output.
+    """
+    ops = segment.ops
+    batch, _, height, width = x.shape
+    tiles = _tiles(*latent_hw, tile)
+    stats: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def core(stop: int, box: tuple[int, int, int, int]) -> Tensor:
+        """ops[:stop] on one tile, cropped to the tile's own pixels (no halo) at the result's resolution."""
+        top, bottom, left, right = (in_scale * v for v in box)
+        margin = _input_margin(ops[:stop])
+        r0, r1 = max(top - margin, 0), min(bottom + margin, height)
+        if wrap:
+            c0, c1 = left - margin, right + margin
+            columns = torch.arange(c0, c1, device=x.device) % width
+            t = x[:, :, r0:r1].index_select(3, columns)
+        else:
+            c0, c1 = max(left - margin, 0), min(right + margin, width)
+            t = x[:, :, r0:r1, c0:c1]
+        t, win = _run_ops(ops[:stop], t, _Window(r0, r1, c0, c1, height, width), stats, wrap)
+        s = win.height // height
+        return t[:, :, s * top - win.top : s * bottom - win.top, s * left - win.left : s * right - win.left]
+
+    for stop, op in enumerate(ops):
+        if op.kind != "norm":
+            continue
+        norm = op.module
+        assert isinstance(norm, nn.GroupNorm)
+        groups = norm.num_groups
+        # Per tile: count, mean and (biased) variance per (batch, group), merged in float64 with
+        # Chan's formula, which avoids the cancellation of E[x^2] - E[x]^2.
+        counts, means, variances = [], [], []
+        for box in tiles:
+            t = core(stop, box)
+            var, mean = torch.var_mean(t.float().reshape(batch, groups, -1), dim=-1, correction=0)
+            counts.append(t[0, 0].numel() * (t.shape[1] // groups))
+            means.append(mean.double())
+            variances.append(var.double())
+        n = torch.tensor(counts, dtype=torch.float64, device=x.device)[:, None, None]
+        m, v = torch.stack(means), torch.stack(variances)
+        total = n.sum(0)
+        mean = (n * m).sum(0) / total
+        var = (n * (v + (m - mean) ** 2)).sum(0) / total
+        stats[id(op)] = (mean.float(), torch.rsqrt(var + norm.eps).float())
+
+    out: Tensor | None = None
+    s = segment.out_scale // in_scale
+    for box in tiles:
+        t = core(len(ops), box)
+        if out is None:
+            out = t.new_empty(batch, t.shape[1], s * height, s * width)
+        top, bottom, left, right = (segment.out_scale * v for v in box)
+        out[:, :, top:bottom, left:right] = t
+    assert out is not None
+    return out
 
 
 class AutoEncoder(nn.Module):
@@ -252,9 +562,32 @@ class AutoEncoder(nn.Module):
         mean = moments[:, : self.params.z_channels]
         return self.scale_factor * (mean - self.shift_factor)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Undo the latent scaling (``z / scale + shift``) and decode to an image in about [-1, 1]."""
-        return self.decoder(z.to(self.dtype) / self.scale_factor + self.shift_factor)
+    def decode(self, z: torch.Tensor, wrap: bool = False) -> torch.Tensor:
+        """Undo the latent scaling (``z / scale + shift``) and decode to an image in about [-1, 1].
+
+        ``wrap``: pad the decoder's convs circularly along the width, for 360-degree panoramas
+        (the left and right image edges then join without a seam). Off, the decoder is exactly
+        the reference one.
+        """
+        return self.decoder(z.to(self.dtype) / self.scale_factor + self.shift_factor, wrap)
+
+    @torch.no_grad()
+    def decode_tiled(self, z: torch.Tensor, tile: int = 64, wrap: bool = True) -> torch.Tensor:
+        """``decode(z, wrap)`` with bounded memory, computed over ``tile`` x ``tile`` latent tiles.
+
+        Equal to the untiled decode up to float rounding (GroupNorm statistics are gathered over
+        the whole map and tiles read their full receptive field, see ``Decoder.forward_tiled``),
+        so there is no overlap to choose and no blending. ``tile`` trades memory for speed: at
+        2048x1024 (latent 128x256) the default makes 8 tiles of 512x512 output pixels. When one
+        tile covers the whole latent this is simply ``decode``.
+        """
+        if tile < 1:
+            raise ValueError(f"tile must be at least 1 latent pixel, got {tile}")
+        if tile >= z.shape[-2] and tile >= z.shape[-1]:
+            return self.decode(z, wrap)
+        return self.decoder.forward_tiled(
+            z.to(self.dtype) / self.scale_factor + self.shift_factor, tile, wrap
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
