@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="show Python/torch/GPU and which model files are found")
     _add_model_args(doctor)
+
+    seam = commands.add_parser("seam", help="score the 0°/360° wrap seam and the pole detail of a panorama")
+    seam.add_argument("image", type=Path, help="an equirectangular image (PNG, JPEG, ...)")
+    seam.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     return parser
 
 
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "seam":
+        return cmd_seam(args)
     return cmd_doctor(args)
 
 
@@ -187,6 +193,42 @@ class _Progress:
         end = "\n" if final else ""
         prefix = "\r\033[K" if self.tty else ""
         print(f"{prefix}{text}", end=end, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# seam
+
+
+def cmd_seam(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from .panorama.seam import seam_score
+
+    try:
+        with Image.open(args.image) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except OSError as exc:  # missing, unreadable or not an image (UnidentifiedImageError)
+        print(f"error: cannot read {args.image}: {exc}", file=sys.stderr)
+        print("  fix: give the path of an image file (PNG, JPEG, ...)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        report = seam_score(rgb)
+    except ValueError as exc:  # e.g. an image too small to have interior columns to compare with
+        print(f"error: {exc}", file=sys.stderr)
+        print("  fix: give a full-size equirectangular panorama", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        info = {"image": str(args.image), "width": rgb.shape[1], "height": rgb.shape[0]}
+        print(json.dumps({**info, **report.to_dict()}))
+    else:
+        print(f"{args.image} ({rgb.shape[1]}x{rgb.shape[0]})")
+        if rgb.shape[1] != 2 * rgb.shape[0]:
+            print("  note: not 2:1, so probably not an equirectangular panorama")
+        print(report.summary())
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

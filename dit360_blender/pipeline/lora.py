@@ -138,7 +138,7 @@ class LoraMerger:
         weight = weight.clone() if weight.dtype == torch.float32 else weight.float()
         for row, rows, stem in self.targets[key]:
             module = self.lora.modules[stem]
-            delta = module.up.float() @ module.down.float()
+            delta = module.up.to(weight.device).float() @ module.down.to(weight.device).float()
             expected_rows = weight.shape[0] if rows < 0 else rows
             if delta.shape != (expected_rows, weight.shape[1]):
                 raise LoraMismatchError(
