@@ -81,13 +81,17 @@ class Bench:
         self.results["synthetic_write_s"] = time.perf_counter() - t0
         self.paths = resolve_model_paths(models_dir=work)
         self.results["pinned_h2d_gbps"] = self._h2d_bandwidth()
+        if self.args.attention_probe and self.cuda:
+            self._attention_probe()
         if not self.args.no_diffusers:
             self._diffusers_baseline()
         for mode in self.args.modes.split(","):
             try:
                 self._run_mode(mode.strip())
             except Exception as exc:  # one broken mode must not lose the others' numbers
-                self.results["modes"][mode.strip()] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:300]}
+                self.results["modes"][mode.strip()] = {
+                    "skipped": f"failed: {type(exc).__name__}: {exc}"[:300]
+                }
                 print(f"[{mode}] FAILED: {exc!r}", flush=True)
                 import traceback
 
@@ -113,6 +117,8 @@ class Bench:
         )  # fmt: skip
         record: dict = {"load_s": time.perf_counter() - t0, "rss_gib": _rss() / GIB}
         record["step_s"] = self._transformer_step(lambda *a: pipe.transformer(*a), pipe.dtype)
+        if self.args.profile and self.cuda:
+            self._profile(mode, lambda *a: pipe.transformer(*a), pipe.dtype)
         record["encode_s"] = self._median(lambda: pipe.text_encoders.encode(PROMPT), 3)
         z = torch.randn(1, 16, self.height // 8, self.width // 8, device=self.device)
         record["decode_s"] = self._median(lambda: pipe.decode(z), 3)
@@ -164,6 +170,41 @@ class Bench:
                 forward(img, ids[None], txt, txt_ids[None], t, vec, g)
 
         return self._median(step, self.args.repeats)
+
+    def _profile(self, mode: str, forward: Callable, dtype: torch.dtype) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        img, ids, txt, txt_ids, t, vec, g = self._inputs(dtype, self.spec.flux)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+            forward(img, ids[None], txt, txt_ids[None], t, vec, g)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70)
+        print(f"[profile {mode}]\n{table}", flush=True)
+        (self.args.out / f"profile_{mode.replace(':', '_')}.txt").write_text(table)
+
+    def _attention_probe(self) -> None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        heads, n, d = self.spec.flux.num_heads, 8832, self.spec.flux.hidden_size // self.spec.flux.num_heads
+        qkv = torch.randn(1, n, 3 * heads * d, device=self.device, dtype=torch.bfloat16)
+        strided = qkv.view(1, n, 3, heads, d).permute(2, 0, 3, 1, 4)  # the layout our blocks produce
+        contiguous = [x.contiguous() for x in strided]
+        probe = {}
+        for backend in (
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+        ):
+            for layout, (q, k, v) in (("strided", tuple(strided)), ("contiguous", tuple(contiguous))):
+                try:
+                    with sdpa_kernel([backend]):
+                        probe[f"{backend.name}/{layout}"] = self._median(
+                            lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v), 5
+                        )
+                except RuntimeError as exc:
+                    probe[f"{backend.name}/{layout}"] = f"unavailable: {str(exc)[:80]}"
+        self.results["attention_probe_s"] = probe
+        print(f"[attention] {probe}", flush=True)
 
     def _median(self, fn: Callable, repeats: int, warmup: int = 2) -> float:
         for _ in range(warmup):
