@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cold-load", action="store_true", help="also measure cold load against raw file reads"
     )
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per mode")
+    parser.add_argument("--attention-probe", action="store_true", help="time each SDPA backend at our shape")
     args = parser.parse_args(argv)
     bench = Bench(args)
     bench.run()
