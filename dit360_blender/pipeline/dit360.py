@@ -15,7 +15,7 @@ from .errors import BadParametersError, DeviceError
 from .flux_checkpoint import infer_params, load_flux_transformer, read_shapes
 from .flux_layers import set_attention_backend
 from .flux_model import Flux
-from .fp8 import enable_fp8_matmul, fp8_matmul_supported
+from .fp8 import enable_fp8_matmul
 from .hub import FLUX_REPO, LORA_REPO, ModelPaths
 from .lora import LoraMerger, load_lora
 from .memory import MemoryPlan, plan_memory, resident_block_budget
@@ -158,11 +158,13 @@ class DiT360Pipeline:
         memory_mode: str = "resident",
         vram_budget_gib: float | None = None,
         attention: str = "auto",
+        compile: bool = False,
     ) -> DiT360Pipeline:
         """Load the text encoders, the transformer with the LoRA merged, and the VAE.
 
         `memory_mode` is one of `memory.MEMORY_MODES` (see there); `vram_budget_gib` bounds the
-        `stream` mode; `attention` picks the SDPA backend (`auto` prefers cuDNN on Hopper).
+        `stream` mode; `attention` picks the SDPA backend (`auto` prefers cuDNN on Hopper);
+        `compile` compiles each transformer block with torch.compile (CUDA, not with `stream`).
         """
         device = pick_device(device) if isinstance(device, str) else device
         dtype = _dtype(dtype)
@@ -190,7 +192,9 @@ class DiT360Pipeline:
             quantize_fp8=plan.quantize_fp8,
             work_device=device,
         )
-        enable_fp8_matmul(transformer, fp8_matmul_supported(device))
+        enable_fp8_matmul(transformer, device)
+        if compile:
+            _compile(transformer, plan, device)
         vae = load_autoencoder(paths.vae, dtype=dtype, device=device)
         streamers = _place_for_streaming(plan, device, text_encoders, transformer, vae)
         info = {
@@ -268,6 +272,19 @@ class DiT360Pipeline:
 
 DEFAULT_IMAGE_TOKENS = 64 * 130  # 2048x1024 with DiT360's two wrap columns
 STREAM_PREFETCH = 2
+
+
+def _compile(transformer: Flux, plan: MemoryPlan, device: torch.device) -> None:
+    if device.type != "cuda":
+        raise DeviceError(
+            "torch.compile is only used on CUDA GPUs here.", "Turn compile off for this device."
+        )
+    if plan.stream_transformer:
+        raise DeviceError(
+            "The 'stream' memory mode swaps weights in and out of the blocks, which compiled blocks don't allow.",
+            "Use compile with the 'resident' or 'fp8' memory mode, or turn compile off.",
+        )
+    transformer.compile_blocks()
 
 
 def _place_for_streaming(

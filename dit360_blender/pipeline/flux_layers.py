@@ -8,6 +8,7 @@ double blocks, and q/k/v + the MLP input are one fused `linear1` in the single b
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -83,14 +84,15 @@ def set_attention_backend(name: str, device: torch.device) -> None:
     _SDPA_BACKENDS = order[name] + ([SDPBackend.MATH] if SDPBackend.MATH not in order[name] else [])
 
 
+def sdpa_context() -> AbstractContextManager:
+    """The chosen SDPA preference, entered around the blocks (outside any compiled region)."""
+    return nullcontext() if _SDPA_BACKENDS is None else sdpa_kernel(_SDPA_BACKENDS, set_priority=True)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Full (non-causal, unmasked) attention with RoPE; q, k, v are (b, heads, n, head_dim)."""
     q, k = apply_rope(q, k, pe)
-    if _SDPA_BACKENDS is None:
-        x = F.scaled_dot_product_attention(q, k, v)
-    else:
-        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
-            x = F.scaled_dot_product_attention(q, k, v)
+    x = F.scaled_dot_product_attention(q, k, v)
     return rearrange(x, "b h n d -> b n (h d)")
 
 

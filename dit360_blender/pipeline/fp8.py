@@ -36,6 +36,7 @@ class Fp8Linear(nn.Module):
     """A Linear with an fp8 weight and a per-row (or per-tensor, broadcast) fp32 scale."""
 
     use_scaled_mm = False  # set per model by `enable_fp8_matmul`
+    fuse_bias = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -78,24 +79,39 @@ class Fp8Linear(nn.Module):
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         bias = self.bias.to(out_dtype) if self.bias is not None else None
         scale_b = self.scale_weight.t().contiguous()
-        if bias is not None and _SCALED_MM_BIAS[0]:
-            try:
-                out = torch._scaled_mm(
-                    xq, self.weight.t(), scale_a=x_scale, scale_b=scale_b, bias=bias, out_dtype=out_dtype
-                )
-                return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-            except RuntimeError:  # some PyTorch builds refuse a bias with row-wise scales
-                _SCALED_MM_BIAS[0] = False
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=out_dtype)
-        if bias is not None:
+        fused_bias = bias if self.fuse_bias else None
+        out = torch._scaled_mm(
+            xq, self.weight.t(), scale_a=x_scale, scale_b=scale_b, bias=fused_bias, out_dtype=out_dtype
+        )
+        if bias is not None and not self.fuse_bias:
             out = out + bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-_SCALED_MM_BIAS = [True]  # flips to False once if this build can't fuse the bias
+def _scaled_mm_takes_bias(device: torch.device) -> bool:
+    """Some PyTorch builds refuse a bias together with row-wise scales: ask once."""
+    a = torch.ones(16, 16, device=device).to(FP8)
+    b = torch.ones(16, 16, device=device).to(FP8)
+    ones = torch.ones(16, 1, device=device)
+    try:
+        torch._scaled_mm(
+            a,
+            b.t(),
+            scale_a=ones,
+            scale_b=ones.t(),
+            bias=torch.zeros(16, device=device, dtype=torch.bfloat16),
+            out_dtype=torch.bfloat16,
+        )
+        return True
+    except RuntimeError:
+        return False
 
 
-def enable_fp8_matmul(model: nn.Module, enabled: bool) -> None:
+def enable_fp8_matmul(model: nn.Module, device: torch.device) -> bool:
+    """Use fp8 tensor-core matmuls in the model's Fp8Linear layers where the device has them."""
+    enabled = fp8_matmul_supported(device)
+    fuse_bias = enabled and _scaled_mm_takes_bias(device)
     for module in model.modules():
         if isinstance(module, Fp8Linear):
-            module.use_scaled_mm = enabled
+            module.use_scaled_mm, module.fuse_bias = enabled, fuse_bias
+    return enabled
