@@ -1,0 +1,711 @@
+"""Starts the model worker and talks to it. Standard library only: no bpy, no torch, not even lazily.
+
+The panel, the scripting API and the tests all use `WorkerClient`:
+
+    client = WorkerClient(log_dir=..., vendor_dir=..., hf_token=...)
+    job_id = client.submit(Job(prompt="This is a panorama. ...", output_dir="/renders"))
+    events = client.poll()            # non-blocking: the Blender timer calls this
+    result = client.run(job)          # blocking, for scripts and `blender -b`
+    client.cancel(job_id)
+    client.close()                    # frees the worker (and its GPU memory)
+
+Nothing blocks the caller for long: `submit` starts the worker on a background thread when there is
+none (jobs wait in an outbox meanwhile) and returns at once; a reader thread turns the socket into an
+event queue. Events are protocol message dicts (see `protocol.py`), plus two the client makes itself:
+`error` with code ``worker_start_failed`` (the worker could not start: the message holds its stderr
+tail) and ``worker_died`` (it exited mid-job: EOF or exit code, reported within ~0.5 s). Every job
+ends with one `result` or `error` event carrying its job_id. After a death the next `submit` starts a
+fresh worker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import secrets
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .protocol import (
+    FINAL_TYPES,
+    PORT_ANNOUNCE,
+    PROTOCOL_VERSION,
+    TOKEN_ENV,
+    WORKER_MESSAGES,
+    FrameDecoder,
+    ProtocolError,
+    check_generate_params,
+    decode,
+    encode,
+    error,
+    message,
+)
+
+# `python -m <name>.worker` must name the package as it is on disk; inside Blender the add-on is
+# imported as `bl_ext.<repo>.dit360_blender`, a name the worker (outside Blender) knows nothing of.
+PACKAGE_DIR = Path(__file__).resolve().parent
+WORKER_MODULE = f"{PACKAGE_DIR.name}.worker"
+
+HANDSHAKE_TIMEOUT_S = 120.0  # a cold torch import on Windows can take tens of seconds
+READ_WAKE_S = 0.25  # the reader checks the process this often when the socket is quiet
+SEND_TIMEOUT_S = 5.0
+TAIL_LINES = 40
+
+__all__ = ["Job", "JobError", "WorkerClient", "WorkerError", "default_log_dir"]
+
+
+class WorkerError(Exception):
+    """A failure with a protocol error code, a message and the fix (`hint`)."""
+
+    def __init__(self, code: str, text: str, hint: str = "", event: dict | None = None) -> None:
+        super().__init__(f"{text}\n  fix: {hint}" if hint else text)
+        self.code, self.message, self.hint, self.event = code, text, hint, event
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> WorkerError:
+        return cls(
+            event.get("code", "internal"), event.get("message", ""), event.get("hint", ""), dict(event)
+        )
+
+
+class JobError(WorkerError):
+    """`run()` raises this when its job ends with an `error` event (code ``cancelled`` included)."""
+
+
+@dataclass
+class Job:
+    """The parameters of one panorama (the `generate` params of the protocol, with defaults)."""
+
+    prompt: str
+    output_dir: str | Path
+    seed: int = 0
+    steps: int = 28
+    guidance: float = 2.8
+    width: int = 2048
+    height: int = 1024
+    lora_strength: float = 1.0
+    device: str = "auto"
+    dtype: str = "bf16"
+    memory_mode: str = "auto"
+    vram_budget_gib: float | None = None
+    filename: str | None = None
+    preview_every: int = 1
+    models_dir: str | Path | None = None
+    model_paths: dict[str, str | Path] = field(default_factory=dict)
+    allow_download: bool = False
+
+    def to_params(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "output_dir": str(self.output_dir),
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "width": self.width,
+            "height": self.height,
+            "lora_strength": self.lora_strength,
+            "device": self.device,
+            "dtype": self.dtype,
+            "memory_mode": self.memory_mode,
+            "vram_budget_gib": self.vram_budget_gib,
+            "filename": self.filename,
+            "preview_every": self.preview_every,
+            "models": {
+                "models_dir": None if self.models_dir is None else str(self.models_dir),
+                "paths": {k: str(v) for k, v in self.model_paths.items()},
+                "allow_download": self.allow_download,
+            },
+        }
+
+
+def default_log_dir() -> Path:
+    """Where worker.log goes when the caller names no folder (the add-on passes its user folder)."""
+    return Path(tempfile.gettempdir()) / "dit360_blender"
+
+
+class _Worker:
+    """One worker process and its connection."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.sock: socket.socket | None = None
+        self.ready: dict = {}
+        self.stdout_tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.stderr_tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.port: int | None = None
+        self.port_seen = threading.Event()
+        self.closing = False
+        self.gone = threading.Event()
+        self.send_lock = threading.Lock()
+        self.drains: list[threading.Thread] = []
+        self.reader: threading.Thread | None = None
+
+    def send(self, msg: dict) -> None:
+        """Raises OSError when the worker cannot be written to."""
+        data = encode(msg)
+        with self.send_lock:
+            if self.sock is None:
+                raise OSError("not connected")
+            self.sock.sendall(data)
+
+    def tail(self) -> str:
+        lines = list(self.stderr_tail) or list(self.stdout_tail)
+        return "\n".join(lines[-20:])
+
+
+class WorkerClient:
+    """Owns at most one worker process; see the module docstring. Thread-safe.
+
+    `python`: the interpreter that runs the worker (default: this one, i.e. Blender's own Python);
+    `vendor_dir`: the folder of the worker's packages (torch, ...), put first on its PYTHONPATH;
+    `log_dir`: where the worker writes worker.log; `hf_token`: passed as HF_TOKEN in the worker's
+    environment only; `extra_env`: more environment variables for the worker (e.g. HF_HUB_OFFLINE).
+    """
+
+    def __init__(
+        self,
+        python: str | Path | None = None,
+        vendor_dir: str | Path | None = None,
+        log_dir: str | Path | None = None,
+        hf_token: str | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.python = str(python) if python else sys.executable
+        self.vendor_dir = Path(vendor_dir) if vendor_dir else None
+        self.log_dir = Path(log_dir) if log_dir else default_log_dir()
+        self.handshake_timeout = handshake_timeout
+        self.extra_env = dict(extra_env or {})
+        self._hf_token = (hf_token or "").strip() or None
+        self._lock = threading.RLock()
+        self._events: queue.Queue[dict] = queue.Queue()
+        self._held: deque[dict] = deque()  # events `run()` set aside for `poll()`
+        self._statuses: queue.Queue[dict] = queue.Queue()
+        self._worker: _Worker | None = None
+        self._starter: threading.Thread | None = None
+        self._start_error: WorkerError | None = None
+        self._outbox: list[tuple[str, dict]] = []  # jobs waiting for a worker to start
+        self._pending: dict[str, _Worker] = {}  # jobs sent, not finished
+        self._generation = 0  # bumped by close(): a worker that finishes starting after it is stopped
+        self._launching: _Worker | None = None  # the process being started, so close() can kill it
+        _LIVE_CLIENTS.add(self)
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / "worker.log"
+
+    @property
+    def worker_pid(self) -> int | None:
+        w = self._worker
+        return w.proc.pid if w is not None else None
+
+    @property
+    def ready_info(self) -> dict | None:
+        """The worker's `ready` message (versions, device, free VRAM, pid), None without a worker."""
+        w = self._worker
+        return dict(w.ready) if w is not None else None
+
+    def start(self, timeout: float | None = None) -> dict:
+        """Block until a worker is up (starting one if needed); returns its `ready` message.
+
+        Raises WorkerError (code worker_start_failed) with the worker's stderr tail."""
+        with self._lock:
+            if self._worker is not None:
+                return dict(self._worker.ready)
+            starter = self._ensure_starting()
+        starter.join(timeout if timeout is not None else self.handshake_timeout + 5)
+        with self._lock:
+            if self._worker is not None:
+                return dict(self._worker.ready)
+            raise self._start_error or WorkerError("worker_start_failed", "The worker did not start in time.")
+
+    def submit(self, job: Job | Mapping[str, Any]) -> str:
+        """Queue a job and return its id at once. Raises ProtocolError (a ValueError, code
+        bad_parameters) for parameters of the wrong type or unknown names."""
+        params = check_generate_params(job.to_params() if isinstance(job, Job) else dict(job))
+        job_id = uuid.uuid4().hex[:16]
+        with self._lock:
+            w = self._worker
+            if w is None:
+                self._outbox.append((job_id, params))
+                self._ensure_starting()
+            else:
+                self._send_job(w, job_id, params)
+        return job_id
+
+    def poll(self) -> list[dict]:
+        """The events that arrived since the last call, without blocking. Of several previews of a
+        job in one batch only the newest is kept (a UI shows one image anyway)."""
+        events = list(self._held)
+        self._held.clear()
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        return _latest_previews(events)
+
+    def run(
+        self,
+        job: Job | Mapping[str, Any],
+        on_event: Callable[[dict], None] | None = None,
+        timeout: float | None = None,
+    ) -> dict:
+        """Submit and block until the job's `result` (returned). Raises JobError for its `error`.
+
+        `on_event` sees this job's events and job-less ones (ready, log); events of other jobs are
+        kept for `poll()`. On timeout or KeyboardInterrupt the job is cancelled before re-raising.
+        """
+        job_id = self.submit(job)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        others: list[dict] = []
+        try:
+            while True:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                try:
+                    event = self._events.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if event.get("job_id") not in (job_id, None):
+                    others.append(event)
+                    continue
+                if on_event is not None:
+                    on_event(event)
+                if event.get("job_id") == job_id and event["type"] == "result":
+                    return event
+                if event.get("job_id") == job_id and event["type"] == "error":
+                    raise JobError.from_event(event)
+        except (KeyboardInterrupt, TimeoutError):
+            self.cancel(job_id)
+            raise
+        finally:
+            self._held.extend(others)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; its final event is `error` with code ``cancelled``.
+        False when the job is unknown (e.g. already finished)."""
+        with self._lock:
+            for i, (queued_id, _params) in enumerate(self._outbox):
+                if queued_id == job_id:
+                    del self._outbox[i]
+                    self._emit(error("cancelled", "Cancelled before it started.", "", job_id=job_id))
+                    return True
+            w = self._pending.get(job_id)
+            if w is None:
+                return False
+        try:
+            w.send(message("cancel", job_id=job_id))
+        except (OSError, ProtocolError):
+            self._broken(w)
+        return True
+
+    def status(self, timeout: float = 5.0) -> dict | None:
+        """The worker's `status` reply (running job, queue, model loads, pid, RSS); None without a worker."""
+        w = self._worker
+        if w is None:
+            return None
+        while not self._statuses.empty():
+            self._statuses.get_nowait()
+        try:
+            w.send(message("status"))
+            return self._statuses.get(timeout=timeout)
+        except (OSError, ProtocolError, queue.Empty):
+            return None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker: `shutdown`, then terminate/kill if it does not exit within `timeout`.
+        Unfinished jobs end with `error` code ``cancelled``. The client stays usable: the next
+        `submit` starts a new worker."""
+        with self._lock:
+            self._generation += 1  # a worker still starting will stop itself (see _start_worker)
+            self._starter = None
+            outbox, self._outbox = self._outbox, []
+            w, self._worker = self._worker, None
+            launching, self._launching = self._launching, None
+        if launching is not None:  # half-started: nothing to say goodbye to; its starter gives up
+            _kill(launching)
+        for job_id, _ in outbox:
+            self._emit(error("cancelled", "The worker was closed before the job started.", "", job_id=job_id))
+        if w is not None:
+            _stop_process(w, timeout)
+            if w.reader is not None:
+                w.reader.join(3.0)  # it ends the worker's unfinished jobs: then close() is final
+
+    def __enter__(self) -> WorkerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- starting --------------------------------------------------------------------------------
+
+    def _ensure_starting(self) -> threading.Thread:
+        if self._starter is None:
+            self._start_error = None
+            self._starter = threading.Thread(
+                target=self._start_worker, args=(self._generation,), name="dit360-worker-start", daemon=True
+            )
+            self._starter.start()
+        return self._starter
+
+    def _start_worker(self, generation: int) -> None:
+        try:
+            w, decoder, rest = self._launch(generation)
+        except Exception as failure:  # whatever it was, the waiting jobs must hear of it
+            exc = failure if isinstance(failure, WorkerError) else _start_error(failure, self.log_dir)
+            with self._lock:
+                if generation != self._generation:
+                    return
+                self._start_error, self._starter = exc, None
+                jobs, self._outbox = self._outbox, []
+            for job_id, _ in jobs:
+                self._emit(error(exc.code, exc.message, exc.hint, job_id=job_id))
+            if not jobs:
+                self._emit(message("log", level="error", message=exc.message))
+            return
+        with self._lock:
+            if generation != self._generation:  # close() was called while it started
+                _stop_process(w, 1.0)
+                return
+            self._worker, self._starter = w, None
+            self._emit(message("ready", **w.ready))
+            w.reader = threading.Thread(
+                target=self._read, args=(w, decoder, rest), name="dit360-reader", daemon=True
+            )
+            w.reader.start()
+            jobs, self._outbox = self._outbox, []
+            for job_id, params in jobs:
+                self._send_job(w, job_id, params)
+
+    def _launch(self, generation: int) -> tuple[_Worker, FrameDecoder, list]:
+        """Spawn, wait for the port, connect, hello → ready. Raises WorkerError with the stderr tail."""
+        deadline = time.monotonic() + self.handshake_timeout
+        token = secrets.token_urlsafe(32)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        w = self._spawn(token)
+        with self._lock:
+            self._launching = w
+            if generation != self._generation:  # close() came first: do not even finish starting
+                _kill(w)
+                raise WorkerError("worker_start_failed", "The client was closed while the worker started.")
+        try:
+            self._wait_port(w, deadline)
+            w.sock = socket.create_connection(("127.0.0.1", w.port), timeout=_left(deadline))
+            w.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            w.send(message("hello", token=token, client=f"dit360_blender {__version__}"))
+            decoder = FrameDecoder()
+            first, rest = self._first_reply(w, decoder, deadline)
+            w.sock.settimeout(SEND_TIMEOUT_S)
+            if first["type"] == "error":
+                raise WorkerError(first["code"], first["message"], first["hint"])
+            if first["type"] != "ready" or first.get("protocol") != PROTOCOL_VERSION:
+                raise WorkerError(
+                    "worker_start_failed", f"The worker answered {first['type']} instead of ready."
+                )
+            w.ready = {k: v for k, v in first.items() if k not in ("v", "type")}
+            return w, decoder, rest
+        except BaseException as exc:
+            _kill(w)
+            raise self._start_failure(w, exc) from None
+        finally:
+            with self._lock:
+                if self._launching is w:
+                    self._launching = None
+
+    def _spawn(self, token: str) -> _Worker:
+        # No secrets here: argv is visible to every user in process lists.
+        cmd = [
+            self.python,
+            "-m",
+            WORKER_MODULE,
+            "--log-dir",
+            str(self.log_dir),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        kwargs: dict[str, Any] = {}
+        if sys.platform == "win32":
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True  # a Ctrl-C in the terminal is for Blender, not the worker
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=self._env(token), cwd=str(self.log_dir), **kwargs,
+            )  # fmt: skip
+        except OSError as exc:
+            raise WorkerError(
+                "worker_start_failed",
+                f"Could not run the worker's Python {self.python}: {exc.strerror or exc}.",
+                "Check the Python path in the add-on Preferences (empty = Blender's own Python).",
+            ) from None
+        w = _Worker(proc)
+        for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+            t = threading.Thread(target=_drain, args=(w, stream, name), name=f"dit360-{name}", daemon=True)
+            w.drains.append(t)
+            t.start()
+        return w
+
+    def _env(self, token: str) -> dict[str, str]:
+        """The worker's environment: the secrets live only here (argv is visible to other users)."""
+        env = dict(os.environ)
+        env[TOKEN_ENV] = token
+        if self._hf_token:
+            env["HF_TOKEN"] = self._hf_token
+        paths = ([str(self.vendor_dir)] if self.vendor_dir else []) + [str(PACKAGE_DIR.parent)]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"
+        env["PYTHONSAFEPATH"] = "1"  # 3.11+: do not put the working directory first on sys.path
+        env.update(self.extra_env)
+        return env
+
+    def _wait_port(self, w: _Worker, deadline: float) -> None:
+        while not w.port_seen.wait(0.05):
+            if w.proc.poll() is not None:
+                raise _Died()
+            if time.monotonic() > deadline:
+                raise TimeoutError()
+
+    def _first_reply(self, w: _Worker, decoder: FrameDecoder, deadline: float) -> tuple[dict, list]:
+        assert w.sock is not None
+        while True:
+            ready, _, _ = select.select([w.sock], [], [], min(READ_WAKE_S, _left(deadline)))
+            if not ready:
+                if w.proc.poll() is not None:
+                    raise _Died()
+                if time.monotonic() > deadline:
+                    raise TimeoutError()
+                continue
+            data = w.sock.recv(65536)
+            if not data:
+                raise _Died()
+            items = decoder.feed(data)
+            if items:
+                if isinstance(items[0], ProtocolError):
+                    raise items[0]
+                return decode(items[0], WORKER_MESSAGES), items[1:]
+
+    def _start_failure(self, w: _Worker, exc: BaseException) -> WorkerError:
+        if isinstance(exc, WorkerError):
+            return exc
+        for t in w.drains:  # let the drains collect the last of stderr
+            t.join(1.0)
+        code = w.proc.poll()
+        if isinstance(exc, TimeoutError):
+            what = f"The worker did not answer within {self.handshake_timeout:.0f} s."
+        elif isinstance(exc, _Died):
+            what = f"The worker process exited during start (exit code {code})."
+        else:
+            what = f"Could not connect to the worker: {type(exc).__name__}: {exc}."
+        tail = w.tail()
+        text = what + (f"\nLast lines of its output:\n{tail}" if tail else "")
+        return WorkerError(
+            "worker_start_failed",
+            self._scrub(text),
+            "Install or repair the worker's packages (add-on Preferences → Install dependencies), or set "
+            f"the worker's Python there. Details are in {self.log_path}.",
+        )
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _send_job(self, w: _Worker, job_id: str, params: dict) -> None:
+        with self._lock:
+            self._pending[job_id] = w
+        try:
+            w.send(message("generate", job_id=job_id, params=params))
+        except (OSError, ProtocolError):
+            self._broken(w)  # the reader reports the death, and this job with it
+
+    def _read(self, w: _Worker, decoder: FrameDecoder, items: list) -> None:
+        """The reader thread: frames → events; on EOF or a dead process, end the worker's jobs."""
+        assert w.sock is not None
+        while True:
+            for item in items:
+                self._on_frame(item)
+            items = []
+            try:
+                ready, _, _ = select.select([w.sock], [], [], READ_WAKE_S)
+                if not ready:
+                    if w.proc.poll() is not None:
+                        break
+                    continue
+                data = w.sock.recv(65536)
+            except (OSError, ValueError):
+                break
+            if not data:
+                break
+            items = decoder.feed(data)
+        self._on_gone(w)
+
+    def _on_frame(self, item: bytes | ProtocolError) -> None:
+        try:
+            if isinstance(item, ProtocolError):
+                raise item
+            msg = decode(item, WORKER_MESSAGES)
+        except ProtocolError as exc:
+            self._emit(
+                message(
+                    "log", level="warning", message=f"Ignored a bad message from the worker: {exc.message}"
+                )
+            )
+            return
+        if msg["type"] == "status":
+            self._statuses.put(msg)
+            return
+        if msg["type"] in FINAL_TYPES and msg.get("job_id") is not None:
+            with self._lock:
+                self._pending.pop(msg["job_id"], None)
+        self._emit(msg)
+
+    def _on_gone(self, w: _Worker) -> None:
+        """The worker's socket closed or its process ended: reap it and end its unfinished jobs."""
+        try:
+            code = w.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:  # the socket died but the process lives: not usable
+            code = _kill(w)
+        with self._lock:
+            if self._worker is w:
+                self._worker = None
+            lost = [job_id for job_id, owner in self._pending.items() if owner is w]
+            for job_id in lost:
+                del self._pending[job_id]
+        if w.sock is not None:
+            w.sock.close()
+        w.gone.set()
+        for job_id in lost:
+            self._emit(self._lost_job_event(w, job_id, code))
+        if not lost and not w.closing:
+            self._emit(message("log", level="warning", message=f"The worker exited (exit code {code})."))
+
+    def _lost_job_event(self, w: _Worker, job_id: str, code: int | None) -> dict:
+        if w.closing:
+            return error("cancelled", "The worker was closed before the job finished.", "", job_id=job_id)
+        for t in w.drains:
+            t.join(0.2)
+        tail = w.tail()
+        text = f"The worker process stopped unexpectedly (exit code {code})." + (
+            f"\nLast lines of its output:\n{tail}" if tail else ""
+        )
+        return error(
+            "worker_died",
+            self._scrub(text),
+            "Submit the job again: a new worker starts automatically. If it keeps happening, the "
+            f"computer may be running out of memory; see {self.log_path}.",
+            job_id=job_id,
+        )
+
+    def _broken(self, w: _Worker) -> None:
+        """A send failed: the stream may be half-written, so this worker is finished. Killing it is
+        enough: the reader thread sees it die and ends its jobs (never wait here: we may hold the lock)."""
+        try:
+            w.proc.kill()
+        except OSError:
+            pass
+
+    def _emit(self, event: dict) -> None:
+        self._events.put(event)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._hf_token, "***") if self._hf_token else text
+
+
+def _start_error(exc: Exception, log_dir: Path) -> WorkerError:
+    return WorkerError(
+        "worker_start_failed",
+        f"Could not start the worker: {type(exc).__name__}: {exc}.",
+        f"Check that the log folder {log_dir} can be created and written, then try again.",
+    )
+
+
+class _Died(Exception):
+    """The worker process ended (or closed the connection) during start."""
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _drain(w: _Worker, stream, name: str) -> None:
+    """Read a pipe to its end (so the worker never blocks on a full pipe), keeping the last lines."""
+    tail = w.stdout_tail if name == "stdout" else w.stderr_tail
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", "replace").rstrip()
+        if name == "stdout" and not w.port_seen.is_set() and line.startswith(PORT_ANNOUNCE + " "):
+            try:
+                w.port = int(line.split()[1])
+                w.port_seen.set()
+                continue
+            except (IndexError, ValueError):
+                pass
+        if line:
+            tail.append(line)
+    stream.close()
+
+
+def _stop_process(w: _Worker, timeout: float) -> None:
+    """`shutdown` and wait up to `timeout`; then terminate; then kill."""
+    w.closing = True
+    if w.sock is not None and w.proc.poll() is None:
+        try:
+            w.send(message("shutdown"))
+        except (OSError, ProtocolError):
+            pass
+    try:
+        w.proc.wait(timeout=timeout)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    w.proc.terminate()  # the fallback only: shutdown is a protocol message, not a signal
+    try:
+        w.proc.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        _kill(w)
+
+
+def _kill(w: _Worker) -> int | None:
+    try:
+        w.proc.kill()
+        return w.proc.wait(timeout=2.0)
+    except (OSError, subprocess.TimeoutExpired):
+        return w.proc.poll()
+
+
+def _latest_previews(events: list[dict]) -> list[dict]:
+    last: dict[str, int] = {}
+    for i, ev in enumerate(events):
+        if ev.get("type") == "preview":
+            last[ev.get("job_id")] = i
+    return [ev for i, ev in enumerate(events) if ev.get("type") != "preview" or last[ev.get("job_id")] == i]
+
+
+_LIVE_CLIENTS: weakref.WeakSet[WorkerClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """A last resort when the host exits without closing (the worker also watches our PID)."""
+    for client in list(_LIVE_CLIENTS):
+        try:
+            client.close(timeout=2.0)
+        except Exception:
+            pass

@@ -1,0 +1,309 @@
+"""The job side of the worker: the queue, the model cache, running one job, classifying failures.
+
+Jobs run one at a time on the worker's main thread; the socket reader thread only queues, cancels
+and answers `status`, so a `cancel` is seen while the pipeline is busy sampling.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..pipeline.dit360 import Cancelled, DiT360Pipeline, GenerateRequest, pick_device
+from ..pipeline.errors import DiT360Error
+from ..pipeline.hub import resolve_model_paths
+from ..pipeline.image_io import save_png
+from ..protocol import error, message
+from .jobqueue import Job
+from .outputs import ensure_writable, plan_output
+from .preview import PreviewRenderer, encode_preview, fit_latent_rgb
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[dict], None]
+
+
+class ModelCache:
+    """Keeps one loaded pipeline; a job with the same models, device, dtype and LoRA strength
+    reuses it. Only one is kept: a 12B model twice would not fit, so a change unloads first."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.pipe: DiT360Pipeline | None = None
+        self.loads = 0
+        self._projection: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(
+        self, params: dict, on_load: Callable[[], None], on_download: Callable
+    ) -> tuple[DiT360Pipeline, bool]:
+        """(pipeline, was_cached). Weights are resolved every time (cheap file checks), so a key
+        names the exact files in use."""
+        models = params["models"]
+        paths = resolve_model_paths(
+            explicit=models["paths"] or None,
+            models_dir=models["models_dir"],
+            allow_download=models["allow_download"],
+            token=None,  # huggingface_hub reads HF_TOKEN from the environment the client set
+            progress=on_download,
+        )
+        device = _normalise(pick_device(params["device"]))
+        key = (
+            tuple(sorted((k, str(v)) for k, v in paths.as_dict().items())),
+            str(device),
+            params["dtype"],
+            float(params["lora_strength"]),
+            params["memory_mode"],
+            params["vram_budget_gib"],
+        )
+        if key == self.key and self.pipe is not None:
+            return self.pipe, True
+        self.release()
+        on_load()
+        logger.info(
+            "loading models (%s, %s, LoRA strength %s)", device, params["dtype"], params["lora_strength"]
+        )
+        self.pipe = DiT360Pipeline.load(
+            paths,
+            device=device,
+            dtype=params["dtype"],
+            lora_strength=float(params["lora_strength"]),
+            memory_mode=params["memory_mode"],
+            vram_budget_gib=params["vram_budget_gib"],
+        )
+        self.key, self.loads = key, self.loads + 1
+        return self.pipe, False
+
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The preview projection of the loaded VAE, fitted on first use."""
+        if self._projection is None:
+            assert self.pipe is not None
+            self._projection = fit_latent_rgb(self.pipe.vae)
+        return self._projection
+
+    def release(self) -> None:
+        if self.pipe is not None:
+            logger.info("unloading models")
+        self.pipe, self.key, self._projection = None, None, None
+        free_memory()
+
+
+def free_memory() -> None:
+    """Drop garbage (a cancelled job's tensors) and give cached GPU blocks back to the driver."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
+
+
+def _normalise(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class JobRunner:
+    """Runs one job at a time and sends its events; every job ends with `result` or `error`."""
+
+    def __init__(self, send: Send, cache: ModelCache, log_path: Path | None = None) -> None:
+        self.send = send
+        self.cache = cache
+        self.log_path = log_path
+        self._tail_s = 0.0  # decode + save time of the last job, for the ETA
+
+    def run(self, job: Job) -> bool:
+        """Run `job`; False when the worker must exit afterwards (a failure that breaks the GPU)."""
+        job.started = time.monotonic()
+        try:
+            self._execute(job)
+            return True
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # every other failure becomes the job's error event
+            report, fatal = self._report(job, exc)
+        # Out of the except block the traceback (and the tensors its frames hold) is gone.
+        free_memory()
+        self.send(report)
+        return not fatal
+
+    def _execute(self, job: Job) -> None:
+        p = job.params
+        request = GenerateRequest(
+            prompt=p["prompt"], seed=p["seed"], steps=p["steps"], guidance=float(p["guidance"]),
+            width=p["width"], height=p["height"],
+        )  # fmt: skip
+        request.validate()
+        out = plan_output(p["output_dir"], p["prompt"], p["seed"], p["filename"])
+        ensure_writable(out.parent)  # fail before minutes of loading and sampling, not after
+        timings = {"queued_s": job.started - job.submitted}
+        t0 = time.monotonic()
+        pipe, cached = self.cache.get(p, lambda: self._stage(job, "loading"), self._download_cb(job))
+        timings["load_s"] = time.monotonic() - t0
+        if job.cancel.is_set():
+            raise Cancelled()
+        on_step = self._step_cb(job, self._previews(job))
+        generation = pipe.generate(
+            request, on_step=on_step, should_cancel=job.cancel.is_set, on_stage=lambda s: self._stage(job, s)
+        )
+        self._stage(job, "saving")
+        t0 = time.monotonic()
+        metadata = {**generation.metadata, "package_version": __version__}
+        path = save_png(out, generation.to_uint8().numpy(), metadata)
+        timings.update(
+            {k: v for k, v in generation.timings.items() if k != "total_s"},
+            save_s=time.monotonic() - t0,
+            total_s=time.monotonic() - job.started,
+        )
+        self._tail_s = timings.get("decode_s", 0.0) + timings["save_s"]
+        logger.info("job %s done in %.2f s: %s", job.job_id, timings["total_s"], path.name)
+        self.send(
+            message(
+                "result", job_id=job.job_id, path=str(path), width=request.width, height=request.height,
+                metadata=metadata, timings=timings, model_cached=cached,
+            )
+        )  # fmt: skip
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def _stage(self, job: Job, stage: str) -> None:
+        if stage == "sampling":
+            job.sampling_started = time.monotonic()
+        self._progress(job, stage, eta=None)
+
+    def _progress(self, job: Job, stage: str, eta: float | None, detail: str | None = None) -> None:
+        elapsed = time.monotonic() - job.started
+        msg = message(
+            "progress", job_id=job.job_id, stage=stage, step=job.step, total=job.params["steps"],
+            elapsed=round(elapsed, 4), eta=None if eta is None else round(eta, 3),
+        )  # fmt: skip
+        if detail is not None:
+            msg["detail"] = detail
+        self.send(msg)
+
+    def _step_cb(self, job: Job, previews: PreviewRenderer | None) -> Callable:
+        every = job.params["preview_every"]
+
+        def on_step(i: int, total: int, x: torch.Tensor) -> None:
+            job.step = i
+            per_step = (time.monotonic() - job.sampling_started) / i
+            self._progress(job, "sampling", eta=per_step * (total - i) + self._tail_s)
+            if previews is not None:
+                if i % every == 0 or i == total:
+                    self._send_preview(job, previews, i, total, x)
+                previews.observe(i, x)
+
+        return on_step
+
+    def _previews(self, job: Job) -> PreviewRenderer | None:
+        p = job.params
+        if p["preview_every"] <= 0:
+            return None
+        try:
+            return PreviewRenderer(self.cache.projection(), p["seed"], p["steps"], p["width"], p["height"])
+        except Exception:  # a preview must never fail the job
+            logger.warning(
+                "previews are off for job %s: the projection could not be set up", job.job_id, exc_info=True
+            )
+            return None
+
+    def _send_preview(self, job: Job, previews: PreviewRenderer, i: int, total: int, x: torch.Tensor) -> None:
+        try:
+            png, width, height = previews.render(i, x)
+        except Exception:
+            logger.warning("preview at step %d failed", i, exc_info=True)
+            return
+        self.send(
+            message(
+                "preview", job_id=job.job_id, step=i, total=total, width=width, height=height,
+                mime="image/png", data=encode_preview(png),
+            )
+        )  # fmt: skip
+
+    def _download_cb(self, job: Job) -> Callable[[str, int, int], None]:
+        last = [0.0]
+
+        def on_download(filename: str, done: int, total: int) -> None:
+            if job.cancel.is_set():
+                raise Cancelled()  # hub.py lets exceptions from the callback through unchanged
+            now = time.monotonic()
+            if now - last[0] >= 0.25 or (total and done >= total):
+                last[0] = now
+                size = f"{done / 1e9:.2f}/{total / 1e9:.2f} GB" if total else f"{done / 1e9:.2f} GB"
+                self._progress(job, "loading", eta=None, detail=f"downloading {filename} {size}")
+
+        return on_download
+
+    def _report(self, job: Job, exc: BaseException) -> tuple[dict, bool]:
+        """The job's final `error` message and whether the worker must exit."""
+        code, text, hint, fatal = classify(exc, self.log_path)
+        details: dict = {}
+        if code == "cancelled":
+            text = f"Cancelled after {job.step} of {job.params['steps']} sampling steps."
+            details = {"step": job.step, "cancel_step": job.cancel_step}
+        if code in ("internal", "cuda_error"):
+            logger.error("job %s failed", job.job_id, exc_info=(type(exc), exc, exc.__traceback__))
+        else:
+            logger.warning("job %s ended: %s: %s", job.job_id, code, text.splitlines()[0] if text else "")
+        extra = {"details": details} if details else {}
+        return error(code, text, hint, job_id=job.job_id, fatal=fatal, **extra), fatal
+
+
+_OOM_HINT = (
+    "Close other programs that use the GPU, choose bf16 or fp16 precision, or a smaller size "
+    "(1024x512). The worker freed the job's memory and is ready for the next job."
+)
+_CUDA_HINT = (
+    "The worker has exited so the GPU is clean; the next job starts a fresh worker. If it happens "
+    "again, update the GPU driver, try a smaller size, or choose device 'cpu'."
+)
+
+
+def classify(exc: BaseException, log_path: Path | None = None) -> tuple[str, str, str, bool]:
+    """(code, message, hint, fatal) for a job failure. Fatal: the GPU context may be broken."""
+    if isinstance(exc, Cancelled):
+        return "cancelled", "The job was cancelled.", "", False
+    if isinstance(exc, DiT360Error):
+        return exc.code, exc.message, exc.hint, False
+    text = f"{type(exc).__name__}: {exc}".strip()
+    first = text.splitlines()[0][:500] if text else type(exc).__name__
+    if _is_oom(exc):
+        return "out_of_memory", f"Out of memory: {first}", _OOM_HINT, False
+    if _is_gpu_failure(exc):
+        return "cuda_error", f"The GPU failed: {first}", _CUDA_HINT, True
+    where = f" ({log_path})" if log_path is not None else ""
+    return (
+        "internal",
+        f"Unexpected failure: {first}",
+        f"The worker keeps running. The full traceback is in the worker log{where}; please report it.",
+        False,
+    )
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _is_gpu_failure(exc: BaseException) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    markers = (
+        "CUDA error",
+        "CUBLAS_STATUS",
+        "CUDNN_STATUS",
+        "cuDNN error",
+        "device-side assert",
+        "NCCL error",
+    )
+    return isinstance(exc, RuntimeError) and any(m in text for m in markers)

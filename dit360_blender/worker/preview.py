@@ -1,0 +1,97 @@
+"""Cheap previews while sampling: a linear latent → RGB projection, no VAE decode per preview.
+
+What is shown: the model's current estimate of the final latents, x0 ≈ x_i - σ_i·v, where the
+velocity v is recovered from two consecutive Euler states (v = (x_i - x_{i-1}) / (σ_i - σ_{i-1})),
+so no extra model call is made. Early previews therefore show the composition rather than noise.
+
+The projection: 16×3 weights + an RGB bias, fixed per loaded model and fitted once (on the first
+preview) by least squares on how *that* model's VAE decodes flat latent fields: 32 random
+16-channel vectors (the N(0, 1) range the sampler works in), each filled into a 4×4 latent tile,
+against the mean colour of the centre of each decoded 32×32 tile. We fit rather than ship a
+published table so the numbers match whatever VAE is loaded (and come from our own measurement);
+it costs one batched decode of 32 tiny tiles once per model. It is approximate: the decoder is
+nonlinear and adds texture, so previews get colours and layout right, not detail.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from ..pipeline.sampling import LATENT_CHANNELS, crop_pad, get_noise, get_sigmas, pack, unpack, wrap_pad
+from ..protocol import MAX_PREVIEW_HEIGHT, MAX_PREVIEW_WIDTH
+
+FIT_SAMPLES, FIT_TILE, FIT_BATCH = 32, 4, 32
+
+
+@torch.inference_mode()
+def fit_latent_rgb(vae: torch.nn.Module, samples: int = FIT_SAMPLES, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(weights (16, 3), bias (3,)) mapping a sampler-space latent pixel to RGB in [-1, 1]."""
+    values = torch.randn(samples, LATENT_CHANNELS, generator=torch.Generator().manual_seed(seed))
+    colours = []
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    for chunk in values.split(FIT_BATCH):
+        tiles = chunk[:, :, None, None].expand(-1, -1, FIT_TILE, FIT_TILE)
+        rgb = vae.decode(tiles.to(device, dtype)).float().cpu()
+        q = rgb.shape[-1] // 4  # the centre half: away from the convolutions' zero padding
+        colours.append(rgb[:, :, q:-q, q:-q].mean(dim=(2, 3)))
+    design = torch.cat([values, torch.ones(samples, 1)], dim=1).double()
+    solution = torch.linalg.lstsq(design, torch.cat(colours).double()).solution.float()
+    return solution[:LATENT_CHANNELS], solution[LATENT_CHANNELS]
+
+
+class PreviewRenderer:
+    """Turns the sampler's padded token states into small PNGs for one job."""
+
+    def __init__(self, projection: tuple[Tensor, Tensor], seed: int, steps: int, width: int, height: int):
+        self.weights, self.bias = projection
+        self.grid_h, self.grid_w = height // 16, width // 16
+        noise = get_noise(seed, height, width)  # the state before step 1, as the pipeline draws it
+        self._prev = wrap_pad(pack(noise), self.grid_h, self.grid_w)
+        self._sigmas = get_sigmas(steps, self._prev.shape[1])
+
+    def observe(self, step: int, x: Tensor) -> None:
+        """Remember the state after `step` (a reference, not a copy: the sampler never mutates it)."""
+        self._prev = x
+
+    def render(self, step: int, x: Tensor) -> tuple[bytes, int, int]:
+        """PNG bytes, width, height of the x0 estimate after `step` (1-based). Call before observe()."""
+        x0 = self._x0_estimate(step, x.detach().float().cpu(), self._prev.float().cpu())
+        latents = unpack(crop_pad(x0, self.grid_h, self.grid_w), self.grid_h, self.grid_w)[0]
+        rgb = torch.einsum("chw,ck->khw", latents, self.weights) + self.bias[:, None, None]
+        rgb = _fit_size(((rgb + 1) / 2).clamp(0, 1))
+        pixels = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        return _png(pixels), pixels.shape[1], pixels.shape[0]
+
+    def _x0_estimate(self, step: int, x: Tensor, prev: Tensor) -> Tensor:
+        s_now, s_prev = self._sigmas[step].item(), self._sigmas[step - 1].item()
+        if s_now == 0.0 or s_now == s_prev:
+            return x
+        velocity = (x - prev) / (s_now - s_prev)
+        return x - s_now * velocity
+
+
+def encode_preview(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+def _fit_size(rgb: Tensor) -> Tensor:
+    """Shrink (area average) to fit MAX_PREVIEW_WIDTH x MAX_PREVIEW_HEIGHT; never enlarge."""
+    _, h, w = rgb.shape
+    scale = min(MAX_PREVIEW_WIDTH / w, MAX_PREVIEW_HEIGHT / h, 1.0)
+    if scale >= 1.0:
+        return rgb
+    size = (max(1, int(h * scale)), max(1, int(w * scale)))
+    return F.interpolate(rgb[None], size=size, mode="area")[0]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels), "RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

@@ -1,0 +1,228 @@
+"""Worker parts in-process: output paths, error classification, the job runner's failure handling,
+the queue, the parent watch and the preview projection."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from dit360_blender.pipeline.dit360 import Cancelled
+from dit360_blender.pipeline.errors import BadParametersError, OutputWriteError, WeightsMissingError
+from dit360_blender.protocol import MAX_PREVIEW_HEIGHT, MAX_PREVIEW_WIDTH, check_generate_params
+from dit360_blender.worker.jobqueue import Job, JobQueue
+from dit360_blender.worker.jobs import JobRunner, classify
+from dit360_blender.worker.outputs import ensure_writable, plan_output, slugify
+from dit360_blender.worker.parent import parent_watch
+from dit360_blender.worker.preview import PreviewRenderer, fit_latent_rgb
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, slug",
+    [
+        ("This is a panorama. A beach at dusk, palm trees!", "a-beach-at-dusk-palm-trees"),
+        ("Café «Ünïcode» — 日本 snow", "cafe-unicode-snow"),
+        ("...", "panorama"),
+        ("this is a panorama", "this-is-a-panorama"),
+        ("word " * 30, "-".join(["word"] * 9)),  # 49 characters with a tenth: cut at a word
+    ],
+)
+def test_slugify(prompt, slug):
+    assert slugify(prompt) == slug
+    assert len(slugify(prompt)) <= 48 and slugify(prompt).isascii()
+
+
+def test_plan_output_names_and_keeps_earlier_results(tmp_path):
+    first = plan_output(tmp_path, "This is a panorama. A beach", 7)
+    assert first == tmp_path / "a-beach_7.png"
+    first.write_bytes(b"x")
+    assert plan_output(tmp_path, "This is a panorama. A beach", 7) == tmp_path / "a-beach_7-2.png"
+    assert plan_output(tmp_path, "p", 1, filename="fixed") == tmp_path / "fixed.png"
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "..", "a\\b"])
+def test_plan_output_refuses_escapes(tmp_path, name):
+    with pytest.raises(BadParametersError):
+        plan_output(tmp_path, "p", 1, filename=name)
+
+
+def test_plan_output_refuses_a_symlink_out(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "evil.png").symlink_to(tmp_path / "elsewhere.png")
+    with pytest.raises(BadParametersError):
+        plan_output(tmp_path / "out", "p", 1, filename="evil")
+
+
+def test_ensure_writable_explains_the_fix(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(OutputWriteError) as info:
+        ensure_writable(tmp_path / "afile" / "out")
+    assert info.value.code == "disk_write_failed" and "output folder" in info.value.hint
+    ensure_writable(tmp_path / "new" / "deep")
+    assert list((tmp_path / "new" / "deep").iterdir()) == []  # the probe is gone
+
+
+# -- errors and the runner -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc, code, fatal",
+    [
+        (Cancelled(), "cancelled", False),
+        (WeightsMissingError("gone", "copy them"), "weights_missing", False),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "out_of_memory", False),
+        (RuntimeError("MPS backend out of memory"), "out_of_memory", False),
+        (MemoryError(), "out_of_memory", False),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), "cuda_error", True),
+        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"), "cuda_error", True),
+        (KeyError("boom"), "internal", False),
+    ],
+)
+def test_classify(exc, code, fatal):
+    got_code, message, hint, got_fatal = classify(exc)
+    assert (got_code, got_fatal) == (code, fatal)
+    assert message
+    if code not in ("cancelled",):
+        assert hint
+
+
+class _FailingPipe:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def generate(self, request, on_step=None, should_cancel=None, on_stage=None):
+        on_stage("encoding")
+        raise self.exc
+
+
+class _FakeCache:
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def get(self, params, on_load, on_download):
+        return self.pipe, True
+
+
+def _job(tmp_path, **over):
+    params = check_generate_params(
+        {
+            "prompt": "p",
+            "output_dir": str(tmp_path),
+            "width": 128,
+            "height": 64,
+            "steps": 3,
+            "preview_every": 0,
+            **over,
+        }
+    )
+    return Job("job1", params)
+
+
+@pytest.mark.parametrize(
+    "exc, code, keeps_serving",
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), "out_of_memory", True),
+        (RuntimeError("CUDA error: device-side assert triggered"), "cuda_error", False),
+        (ValueError("odd"), "internal", True),
+    ],
+)
+def test_runner_reports_and_decides_whether_to_keep_serving(tmp_path, exc, code, keeps_serving):
+    sent = []
+    runner = JobRunner(sent.append, _FakeCache(_FailingPipe(exc)))
+    assert runner.run(_job(tmp_path)) is keeps_serving
+    final = sent[-1]
+    assert final["type"] == "error" and final["code"] == code and final["job_id"] == "job1"
+    assert final["fatal"] is (not keeps_serving) and final["hint"]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_runner_refuses_bad_parameters_before_loading(tmp_path):
+    sent = []
+    runner = JobRunner(sent.append, None)  # a cache access would fail: it must not happen
+    assert runner.run(_job(tmp_path, width=100, height=50)) is True
+    assert sent[-1]["code"] == "bad_parameters"
+
+
+# -- queue -----------------------------------------------------------------------------------------
+
+
+def test_queue_order_cancel_and_stop():
+    q = JobQueue()
+    positions = []
+    for name in "abc":
+        q.put(Job(name, {}), positions.append)
+    assert positions == [0, 1, 2]
+    running = q.take()
+    assert running.job_id == "a"
+    assert q.cancel("b")[0] == "queued" and not q.known("b")
+    running.step = 4
+    kind, job = q.cancel("a")
+    assert kind == "running" and job.cancel.is_set() and job.cancel_step == 4
+    assert q.cancel("zzz") is None
+    q.done(running)
+    assert q.snapshot() == (None, ["c"])
+    assert [j.job_id for j in q.stop()] == ["c"]
+    assert q.take() is None
+
+
+# -- parent watch ----------------------------------------------------------------------------------
+
+
+def test_parent_watch_sees_a_process_die():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = parent_watch(proc.pid)
+        assert alive()
+        proc.kill()
+        time.sleep(0.2)
+        assert not alive()  # a killed, not yet reaped (zombie) process counts as dead
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not alive()
+    assert parent_watch(os.getppid())()  # our own parent, watched directly
+
+
+# -- previews --------------------------------------------------------------------------------------
+
+
+def test_fit_latent_rgb_shapes(tiny_paths):
+    from dit360_blender.pipeline.autoencoder import load_autoencoder
+
+    vae = load_autoencoder(tiny_paths.vae, dtype=torch.float32, device="cpu")
+    weights, bias = fit_latent_rgb(vae)
+    assert weights.shape == (16, 3) and bias.shape == (3,)
+    assert torch.isfinite(weights).all() and weights.abs().sum() > 0
+
+
+def test_preview_is_small_and_ends_on_the_final_latents():
+    weights, bias = torch.randn(16, 3) * 0.1, torch.zeros(3)
+    width, height, steps = 8192, 4096, 2
+    renderer = PreviewRenderer((weights, bias), seed=1, steps=steps, width=width, height=height)
+    tokens = (height // 16) * (width // 16 + 2)
+    x = torch.randn(1, tokens, 64)
+    png, w, h = renderer.render(steps, x)  # sigma 0: the x0 estimate is x itself
+    assert (w, h) == (MAX_PREVIEW_WIDTH, MAX_PREVIEW_HEIGHT)
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.size == (w, h) and im.mode == "RGB"
+    assert len(base64.b64encode(png)) < 1 << 20
+
+
+def test_preview_x0_estimate_is_exact_for_a_constant_velocity():
+    """If the model's velocity were constant, x0 = x_i - sigma_i * v exactly: check the bookkeeping."""
+    weights, bias = torch.eye(16, 3), torch.zeros(3)
+    renderer = PreviewRenderer((weights, bias), seed=3, steps=4, width=128, height=64)
+    x0_true = torch.zeros_like(renderer._prev)
+    v = renderer._prev - x0_true  # flow matching: x_t = x0 + t * (noise - x0)
+    x1 = renderer._prev + (renderer._sigmas[1] - renderer._sigmas[0]) * v
+    est = renderer._x0_estimate(1, x1, renderer._prev)
+    assert torch.allclose(est, x0_true, atol=1e-5)
