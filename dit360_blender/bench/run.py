@@ -74,6 +74,8 @@ class Bench:
         self.spec = TINY if args.tiny or not self.cuda else FULL
         self.width, self.height = (2048, 1024) if self.spec is FULL else (128, 64)
         self.results: dict = {"env": self._env(), "modes": {}, "notes": []}
+        self.images: dict[str, torch.Tensor] = {}
+        self.reference_layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         args.out.mkdir(parents=True, exist_ok=True)
 
     # -- driver --------------------------------------------------------------------------------
@@ -147,9 +149,16 @@ class Bench:
             record["job_s"] = time.perf_counter() - t0
             record["job_timings"] = result.timings
             record["job_peak_gib"] = _peak() / GIB
-            torch.save(result.image.half(), self.args.out / f"image_{name}_{budget or 'x'}.pt")
+            self.images[mode] = result.image
+            if mode != "resident" and "resident" in self.images:
+                ref = self.images["resident"].double()
+                record["image_rel_diff_vs_resident"] = (
+                    (result.image.double() - ref).abs().mean() / ref.abs().mean()
+                ).item()
         record["peak_gib"] = _peak() / GIB
-        if name == "fp8":
+        if name == "resident":
+            self.reference_layers = self._sample_layers(pipe)
+        if name == "fp8" and self.reference_layers:
             record["fp8_layer_error"] = self._fp8_layer_error(pipe)
         self.results["modes"][mode] = record
         print(f"[{mode}] {json.dumps(record, default=float)}", flush=True)
@@ -262,33 +271,40 @@ class Bench:
         self.results["diffusers"] = record
         print(f"[diffusers] {record}", flush=True)
 
-    def _fp8_layer_error(self, pipe: DiT360Pipeline) -> dict:
-        """Relative error of a few fp8 layers against their bf16 dequantised weights, on real-sized inputs."""
-        errors = {}
-        for name, module in pipe.transformer.named_modules():
-            if isinstance(module, Fp8Linear) and name.endswith(
-                ("img_attn.qkv", "linear1", "linear2", "img_mlp.0")
-            ):
-                if not name.startswith(
-                    ("double_blocks.0.", "double_blocks.9.", "single_blocks.0.", "single_blocks.20.")
-                ):
-                    continue
-                if module.weight.device.type != self.device.type:
-                    continue  # streamed layer, host-resident between uses
-                x = torch.randn(
-                    DEFAULT_IMAGE_TOKENS + 512 if self.cuda else 64,
-                    module.in_features,
-                    device=self.device,
-                    dtype=pipe.dtype,
+    SAMPLED_LAYERS = (
+        "double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0", "double_blocks.9.txt_attn.proj",
+        "double_blocks.18.img_mlp.2", "single_blocks.0.linear1", "single_blocks.0.linear2",
+        "single_blocks.20.linear1", "single_blocks.37.linear2",
+    )  # fmt: skip
+
+    def _sample_layers(self, pipe: DiT360Pipeline) -> dict:
+        """Host copies of a few bf16 layers (LoRA merged), to compare the fp8 ones against."""
+        modules = dict(pipe.transformer.named_modules())
+        out = {}
+        for name in self.SAMPLED_LAYERS:
+            if name in modules and isinstance(modules[name], torch.nn.Linear):
+                layer = modules[name]
+                out[name] = (
+                    layer.weight.detach().cpu(),
+                    None if layer.bias is None else layer.bias.detach().cpu(),
                 )
-                with torch.inference_mode():
-                    ref = torch.nn.functional.linear(
-                        x.float(),
-                        module.dequantized(torch.float32),
-                        None if module.bias is None else module.bias.float(),
-                    )
-                    got = module(x).float()
-                errors[name] = ((got - ref).norm() / ref.norm()).item()
+        return out
+
+    def _fp8_layer_error(self, pipe: DiT360Pipeline) -> dict:
+        """‖fp8 layer(x) − bf16 layer(x)‖ / ‖bf16 layer(x)‖ on random activations of the real token count."""
+        modules = dict(pipe.transformer.named_modules())
+        errors = {}
+        for name, (weight, bias) in self.reference_layers.items():
+            module = modules[name]
+            if not isinstance(module, Fp8Linear) or module.weight.device.type != self.device.type:
+                continue
+            rows = DEFAULT_IMAGE_TOKENS + 512 if self.cuda else 64
+            x = torch.randn(rows, module.in_features, device=self.device, dtype=pipe.dtype)
+            w, b = weight.to(self.device), None if bias is None else bias.to(self.device)
+            with torch.inference_mode():
+                ref = torch.nn.functional.linear(x, w, b).float()
+                got = module(x).float()
+            errors[name] = ((got - ref).norm() / ref.norm()).item()
         return errors
 
     def _compiled(self, mode: str) -> None:

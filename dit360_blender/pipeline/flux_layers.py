@@ -92,7 +92,9 @@ def sdpa_context() -> AbstractContextManager:
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Full (non-causal, unmasked) attention with RoPE; q, k, v are (b, heads, n, head_dim)."""
     q, k = apply_rope(q, k, pe)
-    x = F.scaled_dot_product_attention(q, k, v)
+    # Dense (b, h, n, d) inputs: cuDNN's fastest kernels want them, and it keeps compiled code
+    # from handing SDPA a permuted layout.
+    x = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
     return rearrange(x, "b h n d -> b n (h d)")
 
 
