@@ -146,6 +146,7 @@ class DiT360Pipeline:
         self.model_info = model_info
         self.plan = plan or MemoryPlan("resident", False, False, False, None)
         self.streamers = streamers or []
+        self.vae_wrap = True
 
     @classmethod
     def load(
@@ -159,12 +160,14 @@ class DiT360Pipeline:
         vram_budget_gib: float | None = None,
         attention: str = "auto",
         compile: bool = False,
+        vae_wrap: bool = True,
     ) -> DiT360Pipeline:
         """Load the text encoders, the transformer with the LoRA merged, and the VAE.
 
         `memory_mode` is one of `memory.MEMORY_MODES` (see there); `vram_budget_gib` bounds the
         `stream` mode; `attention` picks the SDPA backend (`auto` prefers cuDNN on Hopper);
-        `compile` compiles each transformer block with torch.compile (CUDA, not with `stream`).
+        `compile` compiles each transformer block with torch.compile (CUDA, not with `stream`);
+        `vae_wrap` decodes with horizontal wrap-around (off reproduces the reference pipeline).
         """
         device = pick_device(device) if isinstance(device, str) else device
         dtype = _dtype(dtype)
@@ -207,12 +210,23 @@ class DiT360Pipeline:
             "device": device.type,
             "memory_mode": plan.mode,
         }
-        return cls(text_encoders, transformer, vae, device, dtype, info, plan, streamers)
+        pipe = cls(text_encoders, transformer, vae, device, dtype, info, plan, streamers)
+        pipe.vae_wrap = vae_wrap
+        info["vae_wrap"] = vae_wrap
+        return pipe
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (1, 16, H/8, W/8) → RGB float (3, H, W) in [0, 1] on the CPU."""
+        """Latents (1, 16, H/8, W/8) → RGB float (3, H, W) in [0, 1] on the CPU.
+
+        With `vae_wrap` the decoder pads circularly left/right, so it can't add a seam at the
+        0°/360° edge; the fp8 and stream modes decode in exact tiles to bound memory.
+        """
+        z = latents.to(self.device, self.dtype)
         with torch.inference_mode():
-            decoded = self.vae.decode(latents.to(self.device, self.dtype))
+            if self.plan.tiled_vae:
+                decoded = self.vae.decode_tiled(z, wrap=self.vae_wrap)
+            else:
+                decoded = self.vae.decode(z, wrap=self.vae_wrap)
         return (decoded[0].float() / 2 + 0.5).clamp(0, 1).cpu()
 
     def generate(
