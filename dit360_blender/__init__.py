@@ -6,3 +6,17 @@ imports the Blender-side modules only when it registers the add-on.
 """
 
 __version__ = "0.1.0"
+
+
+def register() -> None:
+    """Blender calls this when the add-on is enabled. The Blender-side modules (and bpy with them) are
+    imported only here, so the worker and the CLI can import this package outside Blender."""
+    from .blender import register as _register
+
+    _register()
+
+
+def unregister() -> None:
+    from .blender import unregister as _unregister
+
+    _unregister()

@@ -56,3 +56,17 @@ def test_streamed_blocks_are_spread_evenly():
     assert len(picked) == 19 and len(set(picked)) == 19
     gaps = [b - a for a, b in zip(picked, picked[1:])]
     assert max(gaps) - min(gaps) <= 1
+
+
+def test_streamed_blocks_leave_the_resident_rest_within_the_room():
+    from dit360_blender.pipeline.dit360 import _streamed_blocks
+
+    sizes = [339] * 19 + [141] * 38  # FLUX fp8 double / single blocks, MB
+    for room in (0, 1000, 4900, 9000, 20000):
+        streamed = _streamed_blocks(sizes, room)
+        resident = sum(s for i, s in enumerate(sizes) if i not in streamed)
+        assert resident <= room or len(streamed) == len(sizes)
+        # and no more is streamed than needed: one block fewer would not fit
+        if streamed:
+            fewer = spread_indices(len(sizes), len(streamed) - 1)
+            assert sum(s for i, s in enumerate(sizes) if i not in fewer) > room

@@ -288,6 +288,16 @@ DEFAULT_IMAGE_TOKENS = 64 * 130  # 2048x1024 with DiT360's two wrap columns
 STREAM_PREFETCH = 2
 
 
+def _streamed_blocks(block_bytes: list[int], room: int) -> list[int]:
+    """The fewest blocks to stream, spread evenly, so the resident rest fits in `room` bytes."""
+    total = sum(block_bytes)
+    for count in range(len(block_bytes) + 1):
+        streamed = spread_indices(len(block_bytes), count)
+        if total - sum(block_bytes[i] for i in streamed) <= room:
+            return streamed
+    return list(range(len(block_bytes)))
+
+
 def _compile(transformer: Flux, plan: MemoryPlan, device: torch.device) -> None:
     if device.type != "cuda":
         raise DeviceError(
@@ -321,12 +331,7 @@ def _place_for_streaming(
     fixed = module_bytes(transformer) - sum(block_bytes) + module_bytes(vae) + module_bytes(text.clip)
     fixed += module_bytes(text.t5) - sum(module_bytes(b) for b in text.t5.encoder.block)
     room = resident_block_budget(plan, DEFAULT_IMAGE_TOKENS, fixed, max(block_bytes), STREAM_PREFETCH)
-    resident = 0
-    for size in sorted(block_bytes):
-        if room < size:
-            break
-        room, resident = room - size, resident + 1
-    streamed = spread_indices(len(blocks), len(blocks) - resident)
+    streamed = _streamed_blocks(block_bytes, room)
     streamers.append(BlockStreamer(blocks, device, streamed, STREAM_PREFETCH))
     return streamers
 
