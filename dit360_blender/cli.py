@@ -49,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: bf16 on GPUs, fp32 on CPU",
     )
+    gen.add_argument(
+        "--memory-mode",
+        choices=("auto", "resident", "fp8", "stream"),
+        default="auto",
+        help="resident: all on the GPU (~36 GB); fp8: fp8 weights, ~15 GB; stream: fits --vram-budget "
+        "(8 GiB works), streaming weights from RAM; auto: picks from the free VRAM",
+    )
+    gen.add_argument("--vram-budget", type=float, metavar="GIB", help="VRAM the stream mode may use")
+    gen.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile the transformer blocks (~20 s once, then faster steps; auto: CUDA with Triton)",
+    )
     _add_model_args(gen)
     gen.add_argument(
         "--download", action="store_true", help="download missing weights from the Hugging Face Hub (~34 GB)"
@@ -138,7 +152,13 @@ def _generate(args: argparse.Namespace, seed: int) -> int:
     dtype = args.dtype if args.dtype != "auto" else ("fp32" if device.type == "cpu" else "bf16")
     _status(progress, f"loading models on {device.type} ({dtype})")
     pipe = DiT360Pipeline.load(
-        paths, device=device, dtype=dtype, lora_strength=0.0 if args.no_lora else args.lora_strength
+        paths,
+        device=device,
+        dtype=dtype,
+        lora_strength=0.0 if args.no_lora else args.lora_strength,
+        memory_mode=args.memory_mode,
+        vram_budget_gib=args.vram_budget,
+        compile={"auto": "auto", "on": True, "off": False}[args.compile],
     )
     result = pipe.generate(
         request,

@@ -348,6 +348,7 @@ GENERATE_DEFAULTS: dict[str, Any] = {
     "dtype": "bf16",  # fp32 | bf16 | fp16
     "memory_mode": "auto",  # auto | resident | fp8 | stream (pipeline/memory.py); auto picks by free VRAM
     "vram_budget_gib": None,  # caps what `auto`/`stream` may use; null = the free VRAM
+    "compile": "auto",  # "auto" | true | false: regional torch.compile (auto: CUDA with Triton, not stream)
     "filename": None,  # a plain file stem; default <slug-of-prompt>_<seed>
     "preview_every": 1,  # a preview every N sampling steps; 0 = none
     "models": None,  # {"models_dir": str|None, "paths": {component: str}, "allow_download": bool}
@@ -367,6 +368,7 @@ _PARAM_KINDS: dict[str, tuple[str, ...]] = {
     "dtype": (_S,),
     "memory_mode": (_S,),
     "vram_budget_gib": (_N, _0),
+    "compile": (_S, _B),
     "filename": (_S, _0),
     "preview_every": (_I,),
     "models": (_D, _0),
@@ -426,6 +428,8 @@ def _check_values(p: dict) -> None:
         raise _bad(f"Unknown device {p['device']!r}.", "Choose auto, cpu, cuda or mps.")
     if p["dtype"] not in DTYPES:
         raise _bad(f"Unknown precision {p['dtype']!r}.", f"Choose one of {', '.join(DTYPES)}.")
+    if p["compile"] not in ("auto", True, False):
+        raise _bad(f"compile must be 'auto', true or false, got {p['compile']!r}.", "Use 'auto'.")
     if p["memory_mode"] not in MEMORY_MODES:
         raise _bad(f"Unknown memory mode {p['memory_mode']!r}.", f"Choose one of {', '.join(MEMORY_MODES)}.")
     if p["vram_budget_gib"] is not None and not 0 < p["vram_budget_gib"] <= 4096:

@@ -159,14 +159,16 @@ class DiT360Pipeline:
         memory_mode: str = "resident",
         vram_budget_gib: float | None = None,
         attention: str = "auto",
-        compile: bool = False,
+        compile: bool | str = False,
         vae_wrap: bool = True,
     ) -> DiT360Pipeline:
         """Load the text encoders, the transformer with the LoRA merged, and the VAE.
 
         `memory_mode` is one of `memory.MEMORY_MODES` (see there); `vram_budget_gib` bounds the
         `stream` mode; `attention` picks the SDPA backend (`auto` prefers cuDNN on Hopper);
-        `compile` compiles each transformer block with torch.compile (CUDA, not with `stream`);
+        `compile` compiles each transformer block with torch.compile (CUDA, not with `stream`;
+        'auto' does so where it can: CUDA, Triton importable, not streaming — about 20 s once per
+        worker, then each step ~1.3-1.8x faster on an H200);
         `vae_wrap` decodes with horizontal wrap-around (off reproduces the reference pipeline).
         """
         device = pick_device(device) if isinstance(device, str) else device
@@ -196,6 +198,8 @@ class DiT360Pipeline:
             work_device=device,
         )
         enable_fp8_matmul(transformer, device)
+        if compile == "auto":
+            compile = _can_compile(plan, device)
         if compile:
             _compile(transformer, plan, device)
         vae = load_autoencoder(paths.vae, dtype=dtype, device=device)
@@ -209,6 +213,7 @@ class DiT360Pipeline:
             "dtype": str(dtype).removeprefix("torch."),
             "device": device.type,
             "memory_mode": plan.mode,
+            "compiled": bool(compile),
         }
         pipe = cls(text_encoders, transformer, vae, device, dtype, info, plan, streamers)
         pipe.vae_wrap = vae_wrap
@@ -296,6 +301,16 @@ def _streamed_blocks(block_bytes: list[int], room: int) -> list[int]:
         if total - sum(block_bytes[i] for i in streamed) <= room:
             return streamed
     return list(range(len(block_bytes)))
+
+
+def _can_compile(plan: MemoryPlan, device: torch.device) -> bool:
+    if device.type != "cuda" or plan.stream_transformer:
+        return False
+    try:
+        import triton  # noqa: F401  (Inductor's GPU backend; not bundled on Windows)
+    except ImportError:
+        return False
+    return True
 
 
 def _compile(transformer: Flux, plan: MemoryPlan, device: torch.device) -> None:

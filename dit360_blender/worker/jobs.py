@@ -75,6 +75,7 @@ class ModelCache:
             lora_strength=float(params["lora_strength"]),
             memory_mode=params["memory_mode"],
             vram_budget_gib=params["vram_budget_gib"],
+            compile=params.get("compile", "auto"),
         )
         self.key, self.loads = key, self.loads + 1
         return self.pipe, False
