@@ -228,8 +228,8 @@ class DiT360Pipeline:
         """
         z = latents.to(self.device, self.dtype)
         with torch.inference_mode():
-            if self.plan.tiled_vae:
-                decoded = self.vae.decode_tiled(z, wrap=self.vae_wrap)
+            if self.plan.vae_tile:
+                decoded = self.vae.decode_tiled(z, tile=self.plan.vae_tile, wrap=self.vae_wrap)
             else:
                 decoded = self.vae.decode(z, wrap=self.vae_wrap)
         return (decoded[0].float() / 2 + 0.5).clamp(0, 1).cpu()
