@@ -246,6 +246,10 @@ def test_twenty_jobs_load_once_and_do_not_grow(client, job):
         if i in (2, 20):
             rss[i] = client.status()["rss_bytes"]
     status = client.status()
+    deadline = time.monotonic() + 5
+    while status["running"] is not None and time.monotonic() < deadline:  # the result is sent just
+        time.sleep(0.05)  # before the worker marks the job done; on a loaded machine status can land between
+        status = client.status()
     assert status["loads"] == 1 and status["running"] is None and status["queued"] == []
     growth = rss[20] / rss[2] - 1
     print(
