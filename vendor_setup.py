@@ -509,14 +509,7 @@ def cmd_target(args: argparse.Namespace) -> int:
             "Use a folder outside it, e.g. the one Blender gives for the add-on: "
             'bpy.utils.extension_path_user(__package__, path="vendor", create=True)'
         )
-    reqs = select_requirements(False, args.packages)
-    torch_index = None
-    if any(is_torch_req(r) for r in reqs):
-        mode, spec, torch_index, why = resolve_torch(
-            args.torch, args.torch_index, False, RUNTIME_PINS["torch"]
-        )
-        reqs = [spec if is_torch_req(r) else r for r in reqs]
-        log(f"torch: {mode} ({why}): {spec}" + (f" from {torch_index}" if torch_index else ""))
+    reqs, torch_index = requirements_with_torch(args, dev=False)
     python = interpreter_path()
     if not args.dry_run:
         ensure_pip(False)
@@ -557,16 +550,20 @@ def prepare_venv(venv: Path, dry_run: bool, need: tuple[int, int] | None) -> str
     return version
 
 
+def requirements_with_torch(args: argparse.Namespace, dev: bool) -> tuple[list[str], str | None]:
+    """The requirement list with the chosen torch build, and the index that build comes from."""
+    reqs = select_requirements(dev, args.packages)
+    if not any(is_torch_req(r) for r in reqs):
+        return reqs, None
+    default = (DEV_RUNTIME_PINS if dev else RUNTIME_PINS)["torch"]
+    mode, spec, torch_index, why = resolve_torch(args.torch, args.torch_index, dev, default)
+    log(f"torch: {mode} ({why}): {spec}" + (f" from {torch_index}" if torch_index else ""))
+    return [spec if is_torch_req(r) else r for r in reqs], torch_index
+
+
 def cmd_venv(args: argparse.Namespace) -> int:
     venv = Path(os.path.abspath(os.path.expanduser(args.venv)))
-    reqs = select_requirements(False, args.packages)
-    torch_index = None
-    if any(is_torch_req(r) for r in reqs):
-        mode, spec, torch_index, why = resolve_torch(
-            args.torch, args.torch_index, False, RUNTIME_PINS["torch"]
-        )
-        reqs = [spec if is_torch_req(r) else r for r in reqs]
-        log(f"torch: {mode} ({why}): {spec}" + (f" from {torch_index}" if torch_index else ""))
+    reqs, torch_index = requirements_with_torch(args, dev=False)
     version = prepare_venv(venv, args.dry_run, None)
     python = str(venv_python(venv))
     ran = install(python, version, reqs, torch_index, None, venv / STAMP_NAME, args)
@@ -592,14 +589,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if interpreter_version() != DEV_PYTHON:
         raise dev_python_error()
     venv = REPO_ROOT / ".venv"
-    reqs = select_requirements(True, args.packages)
-    torch_index = None
-    if any(is_torch_req(r) for r in reqs):
-        mode, spec, torch_index, why = resolve_torch(
-            args.torch, args.torch_index, True, DEV_RUNTIME_PINS["torch"]
-        )
-        reqs = [spec if is_torch_req(r) else r for r in reqs]
-        log(f"torch: {mode} ({why}): {spec}" + (f" from {torch_index}" if torch_index else ""))
+    reqs, torch_index = requirements_with_torch(args, dev=True)
     version = prepare_venv(venv, args.dry_run, DEV_PYTHON)
     python = str(venv_python(venv))
     ran = install(python, version, reqs, torch_index, None, venv / STAMP_NAME, args)
