@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="torch.compile the transformer blocks (~20 s once, then faster steps; auto: CUDA with Triton)",
     )
+    gen.add_argument("--no-hdr", action="store_true", help="write only the PNG (no .hdr lighting files)")
+    gen.add_argument(
+        "--sun-share",
+        type=float,
+        default=0.6,
+        help="the sun's share of the HDR's light, 0..0.95 (default 0.6)",
+    )
     _add_model_args(gen)
     gen.add_argument(
         "--download", action="store_true", help="download missing weights from the Hugging Face Hub (~34 GB)"
@@ -116,6 +123,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except DiT360Error as exc:
         _print_error(exc)
         return EXIT_BAD_INPUT if exc.code == "bad_parameters" else EXIT_FAILED
+    except OSError as exc:  # writing the .hdr files next to the PNG
+        print(f"error: could not write the image files: {exc}", file=sys.stderr)
+        print("  fix: choose an output folder you can write to, with free disk space.", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ncancelled; nothing written", file=sys.stderr)
         return EXIT_CANCELLED
@@ -136,6 +147,12 @@ def _generate(args: argparse.Namespace, seed: int) -> int:
     )
     request.validate()  # before anything is loaded or written
     out = args.out or Path(f"{slugify(args.prompt)}_{seed}.png")
+    if not 0.0 <= args.sun_share < 1.0:
+        from .pipeline.errors import BadParametersError
+
+        raise BadParametersError(
+            f"--sun-share {args.sun_share} must be in [0, 1).", "Use 0.6, or 0 for no sun."
+        )
     if out.suffix.lower() != ".png":
         from .pipeline.errors import BadParametersError
 
@@ -165,8 +182,26 @@ def _generate(args: argparse.Namespace, seed: int) -> int:
         on_step=progress.step if progress else None,
         on_stage=(lambda s: _status(progress, s)) if progress else None,
     )
-    save_png(out, result.to_uint8().numpy(), {**result.metadata, "timings": result.timings})
-    print(f"wrote {out} (seed {seed}, {result.timings['total_s']:.1f} s)")
+    rgb = result.to_uint8().numpy()
+    metadata = {**result.metadata, "timings": result.timings}
+    written = [out]
+    if not args.no_hdr:
+        from .panorama.analyze import analyze, write_lighting_files
+
+        analysis, hdr = analyze(rgb, sun_share=args.sun_share)
+        metadata.update(analysis)
+        written += [Path(p) for p in write_lighting_files(out, hdr).values()]
+    try:
+        save_png(out, rgb, metadata)
+    except Exception:
+        for extra in written[1:]:
+            extra.unlink(missing_ok=True)
+        raise
+    seam = metadata.get("seam", {})
+    summary = f", seam z {seam['seam_z']:.1f}" if "seam_z" in seam else ""
+    print(
+        f"wrote {', '.join(str(p) for p in written)} (seed {seed}, {result.timings['total_s']:.1f} s{summary})"
+    )
     return 0
 
 

@@ -102,6 +102,9 @@ class Job:
     dtype: str = "bf16"
     memory_mode: str = "auto"
     vram_budget_gib: float | None = None
+    compile: str | bool = "auto"
+    hdr: bool = True
+    sun_share: float = 0.6
     filename: str | None = None
     preview_every: int = 1
     models_dir: str | Path | None = None
@@ -122,6 +125,9 @@ class Job:
             "dtype": self.dtype,
             "memory_mode": self.memory_mode,
             "vram_budget_gib": self.vram_budget_gib,
+            "compile": self.compile,
+            "hdr": self.hdr,
+            "sun_share": self.sun_share,
             "filename": self.filename,
             "preview_every": self.preview_every,
             "models": {

