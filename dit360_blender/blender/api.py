@@ -1,0 +1,84 @@
+"""The scripting API (also reachable as `<add-on package>.api`).
+
+    import bpy
+    from bl_ext.user_default.dit360_blender import api   # the repository name may differ
+
+    image = api.generate_world("This is a panorama image. A foggy pine forest at dawn", seed=7)
+
+`generate_world(..., wait=True)` blocks and pumps the worker client itself, so it works in
+`blender -b` where timers never run; it returns the Blender image that is now the World's
+environment. With `wait=False` it returns at once (a job handle) and the add-on's timer finishes the
+job in the UI. The settings not given come from the scene's DiT360 panel; the model, device and
+worker settings from the add-on preferences.
+"""
+
+from __future__ import annotations
+
+import bpy
+
+from . import world as world_nodes
+from .runtime import CONTROLLER, ActiveJob, GenerationError
+
+__all__ = ["GenerationError", "cancel", "generate_world", "is_busy", "set_world_image", "stop_worker"]
+
+
+def generate_world(
+    prompt: str,
+    *,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    lora_strength: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    output_dir: str | None = None,
+    scene: bpy.types.Scene | None = None,
+    wait: bool = True,
+    timeout: float | None = None,
+) -> bpy.types.Image | ActiveJob:
+    """Generate a 360° world for `scene` (default: the current one) and make it its World.
+
+    `seed=None` follows the panel (its seed, or a random one when Random Seed is on); the seed used
+    is written back to the panel and into the image's custom properties. Raises GenerationError
+    (`.code`, `.message`, `.hint`) when the job fails or is cancelled; the World is then unchanged.
+    """
+    scene = scene or bpy.context.scene
+    overrides = {
+        "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance,
+        "lora_strength": lora_strength, "width": width, "height": height,
+        "output_dir": bpy.path.abspath(output_dir) if output_dir else None,
+    }  # fmt: skip
+    job = CONTROLLER.start_generation(scene, **overrides)
+    if not wait:
+        return job
+    CONTROLLER.wait(job, timeout=timeout)
+    if job.error is not None:
+        raise job.error
+    image = bpy.data.images.get(job.image_name or "")
+    if image is None:
+        raise GenerationError("apply_failed", "The result image is missing from Blender.", "Generate again.")
+    return image
+
+
+def set_world_image(image: bpy.types.Image, world: bpy.types.World | None = None) -> bpy.types.World:
+    """Show any equirectangular image through the DiT360 World chain (created if absent)."""
+    scene = bpy.context.scene
+    if world is None:
+        world = scene.world or bpy.data.worlds.new("World")
+        scene.world = world
+    world_nodes.set_image(world, image)
+    return world
+
+
+def cancel() -> bool:
+    """Cancel the running generation (the World stays as it was)."""
+    return CONTROLLER.cancel()
+
+
+def is_busy() -> bool:
+    return CONTROLLER.busy
+
+
+def stop_worker() -> None:
+    """Stop the worker process, freeing its (GPU) memory."""
+    CONTROLLER.stop_worker()

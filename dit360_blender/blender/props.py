@@ -1,0 +1,219 @@
+"""Property groups: the panel's settings (Scene), World controls (World), runtime state (WindowManager).
+
+Settings a user would want saved with the .blend (prompt, seed, history) live on the Scene; the
+World's look (rotation, strength, camera/lighting split) on the World it belongs to; everything that
+changes while a job runs (progress, status, errors, downloads) on the WindowManager, which Blender
+never saves, so a running job does not dirty the file or flood the undo history.
+"""
+
+from __future__ import annotations
+
+import math
+
+import bpy
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
+
+from . import world as world_nodes
+
+DEFAULT_PROMPT = "This is a panorama image. A sunny alpine meadow with scattered pine trees under a blue sky"
+MAX_SEED = 2**31 - 1
+
+
+class DIT360_HistoryEntry(bpy.types.PropertyGroup):
+    """One generated environment: enough to show it, re-apply it and generate it again."""
+
+    prompt: StringProperty(name="Prompt")
+    seed: IntProperty(name="Seed", min=0, max=MAX_SEED)
+    steps: IntProperty(name="Steps", min=1)
+    guidance: FloatProperty(name="Guidance")
+    lora_strength: FloatProperty(name="LoRA Strength")
+    width: IntProperty(name="Width")
+    height: IntProperty(name="Height")
+    filepath: StringProperty(name="File", subtype="FILE_PATH")
+    image_name: StringProperty(name="Image")
+    created: StringProperty(name="Created")
+    seconds: FloatProperty(name="Time (s)")
+
+
+class DIT360_SceneSettings(bpy.types.PropertyGroup):
+    prompt: StringProperty(
+        name="Prompt",
+        description="What the 360° world shows. DiT360 was trained on prompts starting with "
+        "'This is a panorama image.'",
+        default=DEFAULT_PROMPT,
+    )
+    seed: IntProperty(
+        name="Seed", description="The same seed and settings give the same world", min=0, max=MAX_SEED
+    )
+    randomize_seed: BoolProperty(
+        name="Random Seed", description="Pick a new seed for every generation", default=True
+    )
+    steps: IntProperty(
+        name="Steps", description="Sampling steps (DiT360: 28)", default=28, min=1, max=200, soft_max=60
+    )
+    guidance: FloatProperty(
+        name="Guidance", description="Embedded guidance (DiT360: 2.8)", default=2.8, min=0.0, max=20.0
+    )
+    lora_strength: FloatProperty(
+        name="LoRA Strength",
+        description="How strongly the DiT360 panorama LoRA applies (1.0 as trained)",
+        default=1.0,
+        min=-2.0,
+        max=4.0,
+        soft_min=0.0,
+        soft_max=2.0,
+    )
+    width: IntProperty(
+        name="Width", description="2:1, a multiple of 16 (DiT360: 2048)", default=2048, min=64, max=8192
+    )
+    height: IntProperty(
+        name="Height", description="Half the width (DiT360: 1024)", default=1024, min=32, max=4096
+    )
+    output_dir: StringProperty(
+        name="Output Folder",
+        description="Where generated images are written. Empty: //dit360/ next to the saved .blend, "
+        "else a folder in the add-on's user data",
+        subtype="DIR_PATH",
+        default="",
+    )
+    pack_image: BoolProperty(
+        name="Pack Into .blend", description="Embed generated images in the .blend file", default=False
+    )
+    show_advanced: BoolProperty(name="Advanced", default=False)
+    history: CollectionProperty(type=DIT360_HistoryEntry)
+    history_index: IntProperty(name="History", default=0)
+
+
+def _sync(self: bpy.types.PropertyGroup, context: bpy.types.Context) -> None:
+    world = self.id_data
+    if isinstance(world, bpy.types.World):
+        world_nodes.sync_controls(world)
+
+
+class DIT360_WorldSettings(bpy.types.PropertyGroup):
+    rotation: FloatProperty(
+        name="Rotation",
+        description="Turns the environment around the vertical axis (the Mapping node's Z rotation)",
+        subtype="ANGLE",
+        default=0.0,
+        min=-2 * math.pi,
+        max=2 * math.pi,
+        update=_sync,
+    )
+    strength: FloatProperty(
+        name="Strength",
+        description="How bright the environment is (the Background node's strength)",
+        default=1.0,
+        min=0.0,
+        soft_max=10.0,
+        update=_sync,
+    )
+    split_camera: BoolProperty(
+        name="Separate Camera Background",
+        description="Let what the camera sees and what lights the scene have their own strengths "
+        "(Light Path ▸ Is Camera Ray)",
+        default=False,
+        update=_sync,
+    )
+    camera_strength: FloatProperty(
+        name="Camera Strength",
+        description="Brightness of the environment as the camera sees it",
+        default=1.0,
+        min=0.0,
+        soft_max=10.0,
+        update=_sync,
+    )
+
+
+class DIT360_DownloadFile(bpy.types.PropertyGroup):
+    done: FloatProperty()  # bytes; a float because files exceed IntProperty's 32 bits
+    total: FloatProperty()
+    progress: FloatProperty(subtype="FACTOR", min=0.0, max=1.0)
+
+
+_DEPS_STATES = [
+    ("UNKNOWN", "Not Checked", ""),
+    ("CHECKING", "Checking", ""),
+    ("OK", "Installed", ""),
+    ("MISSING", "Missing", ""),
+    ("INSTALLING", "Installing", ""),
+    ("FAILED", "Failed", ""),
+]
+_MODEL_STATES = [
+    ("UNKNOWN", "Not Checked", ""),
+    ("CHECKING", "Checking", ""),
+    ("OK", "Found", ""),
+    ("MISSING", "Missing", ""),
+    ("DOWNLOADING", "Downloading", ""),
+    ("FAILED", "Failed", ""),
+]
+
+
+class DIT360_Runtime(bpy.types.PropertyGroup):
+    """What is happening now. On the WindowManager: never saved, never in undo."""
+
+    running: BoolProperty()
+    job_id: StringProperty()
+    stage: StringProperty()
+    step: IntProperty()
+    total: IntProperty()
+    progress: FloatProperty(subtype="FACTOR", min=0.0, max=1.0)
+    elapsed: FloatProperty()
+    eta: FloatProperty(default=-1.0)  # -1: unknown
+    status: StringProperty()
+    detail: StringProperty()
+    error_code: StringProperty()
+    error_message: StringProperty()
+    error_hint: StringProperty()
+    preview_icon: IntProperty()  # icon_id of the live preview (0: none)
+    worker_info: StringProperty()
+
+    deps_state: EnumProperty(items=_DEPS_STATES, default="UNKNOWN")
+    deps_summary: StringProperty()
+    deps_detail: StringProperty()
+    install_status: StringProperty()
+    install_elapsed: FloatProperty()
+    install_log: StringProperty(subtype="FILE_PATH")
+
+    models_state: EnumProperty(items=_MODEL_STATES, default="UNKNOWN")
+    models_summary: StringProperty()
+    models_missing: StringProperty()
+    download_status: StringProperty()
+    download_error: StringProperty()
+    download_hint: StringProperty()
+    download_code: StringProperty()
+    download_files: CollectionProperty(type=DIT360_DownloadFile)
+    download_log: StringProperty(subtype="FILE_PATH")
+
+
+CLASSES = (
+    DIT360_HistoryEntry,
+    DIT360_SceneSettings,
+    DIT360_WorldSettings,
+    DIT360_DownloadFile,
+    DIT360_Runtime,
+)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.dit360 = PointerProperty(type=DIT360_SceneSettings)
+    bpy.types.World.dit360 = PointerProperty(type=DIT360_WorldSettings)
+    bpy.types.WindowManager.dit360 = PointerProperty(type=DIT360_Runtime)
+
+
+def unregister() -> None:
+    for owner in (bpy.types.WindowManager, bpy.types.World, bpy.types.Scene):
+        if hasattr(owner, "dit360"):
+            del owner.dit360
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)
