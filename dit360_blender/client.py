@@ -159,6 +159,7 @@ class _Worker:
         self.send_lock = threading.Lock()
         self.drains: list[threading.Thread] = []
         self.reader: threading.Thread | None = None
+        self.start_logs: list[str] = []  # `log` messages sent before `ready` (often the failure's cause)
 
     def send(self, msg: dict) -> None:
         """Raises OSError when the worker cannot be written to."""
@@ -506,10 +507,13 @@ class WorkerClient:
             if not data:
                 raise _Died()
             items = decoder.feed(data)
-            if items:
+            while items:
                 if isinstance(items[0], ProtocolError):
                     raise items[0]
-                return decode(items[0], WORKER_MESSAGES), items[1:]
+                first, items = decode(items[0], WORKER_MESSAGES), items[1:]
+                if first["type"] != "log":
+                    return first, items
+                w.start_logs.append(str(first.get("message", "")))
 
     def _start_failure(self, w: _Worker, exc: BaseException) -> WorkerError:
         if isinstance(exc, WorkerError):
@@ -524,7 +528,8 @@ class WorkerClient:
         else:
             what = f"Could not connect to the worker: {type(exc).__name__}: {exc}."
         tail = w.tail()
-        text = what + (f"\nLast lines of its output:\n{tail}" if tail else "")
+        said = f"\nIt reported: {w.start_logs[-1]}" if w.start_logs else ""
+        text = what + said + (f"\nLast lines of its output:\n{tail}" if tail else "")
         return WorkerError(
             "worker_start_failed",
             self._scrub(text),
