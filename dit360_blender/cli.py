@@ -321,24 +321,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _doctor_torch() -> None:
     try:
-        import torch
-    except ImportError as exc:
+        from .pipeline.environment import describe
+    except ImportError as exc:  # torch (or another worker package) is missing
         print(f"torch          NOT INSTALLED ({exc})")
         print("  fix: run `python vendor_setup.py --venv .venv` (or Install dependencies in the add-on)")
         return
-    print(f"torch          {torch.__version__}")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            name = torch.cuda.get_device_name(i)
-            print(f"CUDA:{i}         {name}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        print("GPU            Apple MPS")
-    else:
-        print("GPU            none found: generation would run on the CPU (very slow at full size)")
-    for name in ("transformers", "safetensors", "huggingface_hub", "einops", "PIL", "numpy"):
-        try:
-            module = __import__(name)
-            print(f"{name:<16}{getattr(module, '__version__', '?')}")
-        except ImportError:
-            print(f"{name:<16}NOT INSTALLED")
+    for label, value in describe():
+        print(f"{label:<16}{value}")
