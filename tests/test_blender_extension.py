@@ -233,8 +233,11 @@ def test_world_gets_the_chain_pointing_at_the_written_image(scenario):
     assert "DiT360 Lighting:Background->World Output:Surface" in links
     img = d["image"]
     assert img["exists"] and img["size"] == [128, 64]
-    path = Path(img["filepath"])
-    assert path.name == "a-red-desert-canyon-under-a-pale-sky_4242.png"
+    # the World shows the float HDR written beside the PNG (<stem>.hdr, or <stem>_lighting.hdr with a Sun)
+    hdr = Path(img["filepath"])
+    path = Path(img["props"]["dit360_png_file"])
+    assert hdr.parent == path.parent and hdr.suffix == ".hdr" and hdr.name.startswith(path.stem)
+    assert path.is_file() and path.name == "a-red-desert-canyon-under-a-pale-sky_4242.png"
     # an unsaved .blend: the add-on's user folder
     assert "/extensions/.user/user_default/dit360_blender/outputs" in str(path).replace("\\", "/")
     props = img["props"]
@@ -275,7 +278,9 @@ def test_api_generate_world_blocks_in_background_and_returns_the_image(scenario)
     assert d["returned"] == "Image" and d["env_image"] == d["image"]
     assert Path(d["filepath"]).parent == Path(d["expected_dir"])  # //dit360/ next to the saved .blend
     assert d["packed"] is True and d["seed_prop"] == 7
-    assert d["same_nodes"] and d["changed_nodes"] == ["DiT360 Environment"]  # only the image swapped
+    # only the image swapped (and the Background strength follows the new image's exposure)
+    assert d["same_nodes"] and set(d["changed_nodes"]) <= {"DiT360 Environment", "DiT360 Lighting"}
+    assert "DiT360 Environment" in d["changed_nodes"]
     assert d["new_world"] and d["new_world_image"] == d["image2"]  # a scene without a World gets one
     assert d["op_blocking_result"] == ["FINISHED"] and d["op_blocking_done"]
     assert "a-red-desert-canyon-under-a-pale-sky_9.png" in d["custom_out"]  # a folder the user chose
@@ -288,7 +293,8 @@ def test_history_reapplies_and_copies_settings(scenario):
         7,
         4242,
     ]  # newest first (the scene without a World has its own)
-    assert d["applied_file"] == d["oldest_file"]
+    assert d["applied_png"] == d["oldest_file"]  # the oldest entry's environment (its HDR) is shown
+    assert d["applied_file"] in d["oldest_hdrs"] and len(d["oldest_hdrs"]) == 2
     assert d["panel_after_copy"]["seed"] == 4242 and d["panel_after_copy"]["randomize"] is False
     assert d["panel_after_copy"]["steps"] == 3
 
@@ -300,7 +306,9 @@ def test_world_controls_split_camera_and_lighting(scenario):
     assert "DiT360 Camera:Background->DiT360 Camera/Lighting:Shader_001" in d["split_links"]
     assert "DiT360 Environment:Color->DiT360 Camera:Color" in d["split_links"]
     assert "DiT360 Camera/Lighting:Shader->World Output:Surface" in d["split_links"]
-    assert d["strengths"]["DiT360 Lighting"] == 2.5 and d["strengths"]["DiT360 Camera"] == 0.25
+    # the strengths multiply the environment's exposure
+    assert d["strengths"]["DiT360 Lighting"] == pytest.approx(2.5 * d["exposure"], rel=1e-5)
+    assert d["strengths"]["DiT360 Camera"] == pytest.approx(0.25 * d["exposure"], rel=1e-5)
     assert "DiT360 Lighting:Background->World Output:Surface" in d["unsplit_links"]
     assert d["unsplit_nodes"] == ["DiT360", "DiT360 Coordinates", "DiT360 Environment", "DiT360 Lighting",
                                   "DiT360 Rotation"]  # fmt: skip

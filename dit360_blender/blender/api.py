@@ -7,15 +7,17 @@
 
 `generate_world(..., wait=True)` blocks and pumps the worker client itself, so it works in
 `blender -b` where timers never run; it returns the Blender image that is now the World's
-environment. With `wait=False` it returns at once (a job handle) and the add-on's timer finishes the
-job in the UI. The settings not given come from the scene's DiT360 panel; the model, device and
-worker settings from the add-on preferences.
+environment: the float HDR written beside the PNG (`image["dit360_png_file"]` is the PNG), with the
+seam scores and the lighting analysis in its custom properties. With `wait=False` it returns at once
+(a job handle) and the add-on's timer finishes the job in the UI. The settings not given come from
+the scene's DiT360 panel; the model, device and worker settings from the add-on preferences.
 """
 
 from __future__ import annotations
 
 import bpy
 
+from . import lighting
 from . import world as world_nodes
 from .runtime import CONTROLLER, ActiveJob, GenerationError
 
@@ -31,6 +33,7 @@ def generate_world(
     lora_strength: float | None = None,
     width: int | None = None,
     height: int | None = None,
+    sun_share: float | None = None,
     output_dir: str | None = None,
     scene: bpy.types.Scene | None = None,
     wait: bool = True,
@@ -38,6 +41,7 @@ def generate_world(
 ) -> bpy.types.Image | ActiveJob:
     """Generate a 360° world for `scene` (default: the current one) and make it its World.
 
+    `sun_share` (0 to 0.95) is the share of the HDR environment's light a detected sun gets.
     `seed=None` follows the panel (its seed, or a random one when Random Seed is on); the seed used
     is written back to the panel and into the image's custom properties. Raises GenerationError
     (`.code`, `.message`, `.hint`) when the job fails or is cancelled; the World is then unchanged.
@@ -45,7 +49,7 @@ def generate_world(
     scene = scene or bpy.context.scene
     overrides = {
         "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance,
-        "lora_strength": lora_strength, "width": width, "height": height,
+        "lora_strength": lora_strength, "width": width, "height": height, "sun_share": sun_share,
         "output_dir": bpy.path.abspath(output_dir) if output_dir else None,
     }  # fmt: skip
     job = CONTROLLER.start_generation(scene, **overrides)
@@ -61,12 +65,17 @@ def generate_world(
 
 
 def set_world_image(image: bpy.types.Image, world: bpy.types.World | None = None) -> bpy.types.World:
-    """Show any equirectangular image through the DiT360 World chain (created if absent)."""
+    """Show any equirectangular image through the DiT360 World chain (created if absent).
+
+    One of our HDRs brings its exposure and its Sun lamp along; any other image is shown at exposure 1
+    and our Sun, if the scene had one, is removed (it belonged to the previous environment)."""
     scene = bpy.context.scene
     if world is None:
         world = scene.world or bpy.data.worlds.new("World")
         scene.world = world
     world_nodes.set_image(world, image)
+    for user in lighting.scenes_using(world):
+        lighting.sync_sun(user, world)
     return world
 
 

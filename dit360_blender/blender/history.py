@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import bpy
 
-from . import output, world
+from . import lighting
 
 MAX_ENTRIES = 100
 
 
-def record(scene: bpy.types.Scene, params: dict, path: str, image: bpy.types.Image, seconds: float) -> None:
+def record(scene: bpy.types.Scene, params: dict, event: dict, image: bpy.types.Image, seconds: float) -> None:
+    """Add a worker result (`event`: its path, files and metadata) shown as `image` to the history."""
     settings = scene.dit360
+    path = event["path"]
+    metadata = event.get("metadata") or {}
+    files = event.get("files") or {}
     entry = settings.history.add()
     entry.prompt = params["prompt"]
     entry.seed = params["seed"]
@@ -22,7 +27,12 @@ def record(scene: bpy.types.Scene, params: dict, path: str, image: bpy.types.Ima
     entry.lora_strength = params["lora_strength"]
     entry.width = params["width"]
     entry.height = params["height"]
+    entry.sun_share = float(params.get("sun_share", 0.6))
     entry.filepath = str(path)
+    entry.hdr_path = str(files.get("hdr") or "")
+    entry.lighting_path = str(files.get("lighting") or "")
+    entry.seam_json = lighting.compact_json(metadata.get("seam"))
+    entry.lighting_json = lighting.compact_json(metadata.get("lighting"))
     entry.image_name = image.name
     entry.created = time.strftime("%Y-%m-%d %H:%M:%S")
     entry.seconds = seconds
@@ -34,37 +44,44 @@ def record(scene: bpy.types.Scene, params: dict, path: str, image: bpy.types.Ima
     settings.history_index = 0
 
 
-def entry_image(entry: bpy.types.PropertyGroup) -> bpy.types.Image | None:
-    """The entry's image: the datablock if it is still there, else loaded again from its file."""
-    image = bpy.data.images.get(entry.image_name)
-    if image is not None and (image.packed_file is not None or _same_file(image, entry.filepath)):
-        return image
-    if entry.filepath and Path(entry.filepath).is_file():
-        metadata = {
-            "prompt": entry.prompt, "seed": entry.seed, "steps": entry.steps, "guidance": entry.guidance,
-            "lora_strength": entry.lora_strength, "width": entry.width, "height": entry.height,
-        }  # fmt: skip
-        image = output.load_result(entry.filepath, metadata)
-        entry.image_name = image.name
-        return image
-    return None
-
-
-def _same_file(image: bpy.types.Image, filepath: str) -> bool:
+def _json(text: str) -> dict | None:
     try:
-        return Path(bpy.path.abspath(image.filepath)).resolve() == Path(filepath).resolve()
-    except (OSError, ValueError):
-        return False
+        data = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def entry_event(entry: bpy.types.PropertyGroup) -> dict:
+    """The entry as a worker result (path, files, metadata): what `lighting.apply_result` takes."""
+    metadata: dict = {
+        "prompt": entry.prompt, "seed": entry.seed, "steps": entry.steps, "guidance": entry.guidance,
+        "lora_strength": entry.lora_strength, "width": entry.width, "height": entry.height,
+    }  # fmt: skip
+    for key, text in (("seam", entry.seam_json), ("lighting", entry.lighting_json)):
+        data = _json(text)
+        if data is not None:
+            metadata[key] = data
+    files = {k: v for k, v in (("hdr", entry.hdr_path), ("lighting", entry.lighting_path)) if v}
+    return {"path": entry.filepath, "files": files, "metadata": metadata}
+
+
+def entry_summary(entry: bpy.types.PropertyGroup) -> tuple[tuple[str, bool | None], tuple[str, bool | None]]:
+    """(seam line, ok), (sun line, found) of an entry, as the panel shows them."""
+    return lighting.seam_text(_json(entry.seam_json)), lighting.sun_text(_json(entry.lighting_json))
 
 
 def apply(scene: bpy.types.Scene, entry: bpy.types.PropertyGroup) -> bpy.types.Image | None:
-    """Show the entry's image in the scene's World (the World is created if there is none)."""
-    image = entry_image(entry)
-    if image is None:
-        return None
+    """Show the entry's environment in the scene's World (created if there is none), with its Sun;
+    None when its files are gone."""
     if scene.world is None:
         scene.world = bpy.data.worlds.new("World")
-    world.set_image(scene.world, image)
+    try:
+        image = lighting.apply_result(scene.world, entry_event(entry))
+    except FileNotFoundError:
+        return None
+    lighting.sync_sun(scene, scene.world)
+    entry.image_name = image.name
     return image
 
 
@@ -78,3 +95,4 @@ def copy_to_panel(scene: bpy.types.Scene, entry: bpy.types.PropertyGroup) -> Non
     settings.lora_strength = entry.lora_strength
     settings.width = entry.width
     settings.height = entry.height
+    settings.sun_share = entry.sun_share

@@ -35,6 +35,7 @@ class DIT360_OT_generate(bpy.types.Operator):
     )
     width: IntProperty(name="Width", default=0, min=0, options={"SKIP_SAVE"})
     height: IntProperty(name="Height", default=0, min=0, options={"SKIP_SAVE"})
+    sun_share: FloatProperty(name="Sun Share", default=0.6, min=0.0, max=0.95, options={"SKIP_SAVE"})
     output_dir: StringProperty(name="Output Folder", subtype="DIR_PATH", options={"SKIP_SAVE"})
     wait: BoolProperty(
         name="Wait",
@@ -52,10 +53,12 @@ class DIT360_OT_generate(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         overrides: dict[str, object] = {}
-        for name in ("prompt", "steps", "guidance", "lora_strength", "width", "height", "output_dir"):
+        real_zero = ("guidance", "lora_strength", "sun_share")
+        names = ("prompt", "steps", "guidance", "lora_strength", "width", "height", "sun_share", "output_dir")
+        for name in names:
             value = getattr(self, name)
-            # 0 / "" mean "the panel's value" for these; guidance and LoRA strength 0 are real values.
-            if self.properties.is_property_set(name) and (name in ("guidance", "lora_strength") or value):
+            # 0 / "" mean "the panel's value" for these; guidance, LoRA strength, sun share 0 are real values.
+            if self.properties.is_property_set(name) and (name in real_zero or value):
                 overrides[name] = value
         if self.seed >= 0:
             overrides["seed"] = self.seed

@@ -10,6 +10,14 @@ import bpy
 from .common import user_dir
 
 META_PREFIX = "dit360_"
+# What an environment image is: "hdr" (<stem>.hdr, the sun in the map), "lighting" (<stem>_lighting.hdr,
+# the sun clamped, for use with our Sun lamp) or "png" (the 8-bit image, when no HDR was written).
+KIND = META_PREFIX + "kind"
+FILE_KEYS = {
+    "png": META_PREFIX + "png_file",
+    "hdr": META_PREFIX + "hdr_file",
+    "lighting": META_PREFIX + "lighting_file",
+}
 
 
 def output_dir(settings: bpy.types.PropertyGroup) -> Path:
@@ -52,3 +60,42 @@ def load_result(path: str | Path, metadata: dict, pack: bool = False) -> bpy.typ
     if pack and image.packed_file is None:
         image.pack()
     return image
+
+
+def read_json(image: bpy.types.Image | None, key: str) -> dict | None:
+    """A dict the metadata stored as JSON in `dit360_<key>` (e.g. "lighting", "seam"), or None."""
+    if image is None:
+        return None
+    value = image.get(META_PREFIX + key)
+    if not isinstance(value, str) or not value.startswith("{"):
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def environment_lighting(image: bpy.types.Image | None) -> dict | None:
+    """The lighting analysis (exposure, sun, lamp) of an HDR environment we wrote, or None.
+
+    Only the .hdr images carry it in this sense: the numbers were computed for them, not for the 8-bit
+    PNG (which has no expanded highlights and no sun boost), nor for any image of the user's."""
+    if image is None or image.get(KIND) not in ("hdr", "lighting"):
+        return None
+    return read_json(image, "lighting")
+
+
+def exposure(image: bpy.types.Image | None) -> float:
+    """The Background strength at which `image` lights a grey card right (1.0 for other images)."""
+    lighting = environment_lighting(image)
+    value = lighting.get("exposure") if lighting is not None else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 1.0
+
+
+def tag_environment(image: bpy.types.Image, kind: str, files: dict[str, str]) -> None:
+    """Record what `image` is and where its sibling files are (to switch between them later)."""
+    image[KIND] = kind
+    for key, prop in FILE_KEYS.items():
+        if files.get(key):
+            image[prop] = str(files[key])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import bpy
 
+from . import history, lighting
 from . import world as world_nodes
 from .common import runtime
 from .prefs import schedule_checks
@@ -116,6 +117,18 @@ def draw_progress(layout: bpy.types.UILayout) -> None:
         row.operator("dit360.clear_error", text="", icon="X")
 
 
+def draw_environment_info(layout: bpy.types.UILayout, info: dict) -> None:
+    """The current environment's seam score and sun (or why there is none), from its image."""
+    col = layout.column(align=True)
+    if info.get("seam"):
+        col.label(text=info["seam"], icon="CHECKMARK" if info.get("seam_ok") else "ERROR")
+    if info.get("sun"):
+        if info.get("sun_found"):
+            col.label(text=info["sun"], icon="LIGHT_SUN")
+        else:
+            _wrap(col, info["sun"], icon="INFO", lines=3)
+
+
 def draw_world_controls(layout: bpy.types.UILayout, context: bpy.types.Context) -> None:
     scene = context.scene
     world = scene.world if scene is not None else None
@@ -127,15 +140,26 @@ def draw_world_controls(layout: bpy.types.UILayout, context: bpy.types.Context) 
         col.enabled = world_nodes.has_chain(world)
         if not col.enabled:
             layout.label(text="No DiT360 environment in this World yet.", icon="INFO")
+        info = lighting.describe_environment(world) if col.enabled else {"image": None}
         col.prop(settings, "rotation")
         col.prop(settings, "strength", text="Lighting Strength" if settings.split_camera else "Strength")
+        if info.get("kind") in ("hdr", "lighting"):
+            col.label(text=f"× exposure {info['exposure']:.3g} (grey card at 18 %)", icon="BLANK1")
         col.prop(settings, "split_camera")
         sub = col.column()
         sub.enabled = settings.split_camera
         sub.prop(settings, "camera_strength")
-        image = world_nodes.current_image(world)
-        if image is not None:
-            layout.label(text=image.name, icon="IMAGE_DATA")
+        sun = col.column()
+        sun.enabled = bool(info.get("has_lamp"))
+        sun.prop(settings, "use_sun")
+        row = sun.row()
+        row.enabled = settings.use_sun
+        row.prop(settings, "sun_strength")
+        if scene is not None:
+            col.prop(scene.dit360, "sun_share", text="Sun Share (next world)")
+        if info.get("image"):
+            layout.label(text=info["image"], icon="IMAGE_RGB_ALPHA" if info.get("is_float") else "IMAGE_DATA")
+            draw_environment_info(layout, info)
     row = layout.row(align=True)
     row.operator("dit360.preview_lighting", text="Preview Lighting", icon="MATERIAL").mode = "MATERIAL"
     row.operator("dit360.preview_lighting", text="Rendered", icon="SHADING_RENDERED").mode = "RENDERED"
@@ -241,6 +265,8 @@ class DIT360_PT_history(bpy.types.Panel):
         col.label(text=f"Seed {entry.seed} · {entry.steps} steps · guidance {entry.guidance:.1f} · "
                   f"LoRA {entry.lora_strength:.2f}")  # fmt: skip
         col.label(text=f"{entry.width}×{entry.height} · {entry.seconds:.0f} s · {entry.created}")
+        (seam, seam_ok), (sun, found) = history.entry_summary(entry)
+        draw_environment_info(layout, {"seam": seam, "seam_ok": seam_ok, "sun": sun, "sun_found": found})
         row = layout.row(align=True)
         row.operator("dit360.apply_history", icon="WORLD").index = index
         row.operator("dit360.history_to_panel", icon="PASTEDOWN").index = index

@@ -21,6 +21,7 @@ from bpy.props import (
     StringProperty,
 )
 
+from . import lighting
 from . import world as world_nodes
 
 DEFAULT_PROMPT = "This is a panorama image. A sunny alpine meadow with scattered pine trees under a blue sky"
@@ -41,6 +42,12 @@ class DIT360_HistoryEntry(bpy.types.PropertyGroup):
     image_name: StringProperty(name="Image")
     created: StringProperty(name="Created")
     seconds: FloatProperty(name="Time (s)")
+    sun_share: FloatProperty(name="Sun Share", default=0.6)
+    # the HDR files beside the PNG (empty: none were written) and the analysis the worker recorded
+    hdr_path: StringProperty(name="HDR", subtype="FILE_PATH")
+    lighting_path: StringProperty(name="HDR (sun clamped)", subtype="FILE_PATH")
+    seam_json: StringProperty(name="Seam Scores")
+    lighting_json: StringProperty(name="Lighting")
 
 
 class DIT360_SceneSettings(bpy.types.PropertyGroup):
@@ -77,6 +84,16 @@ class DIT360_SceneSettings(bpy.types.PropertyGroup):
     height: IntProperty(
         name="Height", description="Half the width (DiT360: 1024)", default=1024, min=32, max=4096
     )
+    sun_share: FloatProperty(
+        name="Sun Share",
+        description="For the next generation: the share of the HDR environment's light that a detected "
+        "sun gets (the sun is brightened to it; it is never darkened). 0: the sun as bright as the "
+        "image shows it",
+        default=0.6,
+        min=0.0,
+        max=0.95,
+        subtype="FACTOR",
+    )
     output_dir: StringProperty(
         name="Output Folder",
         description="Where generated images are written. Empty: //dit360/ next to the saved .blend, "
@@ -96,6 +113,13 @@ def _sync(self: bpy.types.PropertyGroup, context: bpy.types.Context) -> None:
     world = self.id_data
     if isinstance(world, bpy.types.World):
         world_nodes.sync_controls(world)
+        lighting.update_suns(world)  # the Sun's strength follows the Background's; its driver, the rotation
+
+
+def _sun_toggled(self: bpy.types.PropertyGroup, context: bpy.types.Context) -> None:
+    world = self.id_data
+    if isinstance(world, bpy.types.World):
+        lighting.refresh(world)
 
 
 class DIT360_WorldSettings(bpy.types.PropertyGroup):
@@ -110,7 +134,8 @@ class DIT360_WorldSettings(bpy.types.PropertyGroup):
     )
     strength: FloatProperty(
         name="Strength",
-        description="How bright the environment is (the Background node's strength)",
+        description="How bright the environment is: a multiplier on its computed exposure (the "
+        "Background strength at which a grey card facing up renders 18 % grey)",
         default=1.0,
         min=0.0,
         soft_max=10.0,
@@ -125,10 +150,26 @@ class DIT360_WorldSettings(bpy.types.PropertyGroup):
     )
     camera_strength: FloatProperty(
         name="Camera Strength",
-        description="Brightness of the environment as the camera sees it",
+        description="Brightness of the environment as the camera sees it (a multiplier on the exposure)",
         default=1.0,
         min=0.0,
         soft_max=10.0,
+        update=_sync,
+    )
+    use_sun: BoolProperty(
+        name="Sun Lamp",
+        description="Light with a Sun lamp aimed at the detected sun (sharp shadows, in Cycles and EEVEE) "
+        "and the environment with the sun clamped out of it; off: the sun stays in the environment image",
+        default=True,
+        update=_sun_toggled,
+    )
+    sun_strength: FloatProperty(
+        name="Sun Strength",
+        description="A multiplier on the Sun lamp's computed strength (1: the light the sun had in the "
+        "environment)",
+        default=1.0,
+        min=0.0,
+        soft_max=4.0,
         update=_sync,
     )
 

@@ -7,7 +7,8 @@ shows previews, applies the result, and returns when it wants to run again (None
 
 The World during a job: previews are shown in a *preview World* (a copy of the scene's World, or a
 new one) that the scene uses while the job runs. The user's World is not touched until the result
-is in: then the image goes into its DiT360 chain and the scene gets its World back. A failed or
+is in: then the image (the float HDR the worker wrote beside the PNG) goes into its DiT360 chain,
+the scene gets its World back and, when the environment has a sun, its Sun lamp (lighting.py). A failed or
 cancelled job gives the scene its World back and deletes the preview World, so the World is
 exactly as it was. World and scene are remembered by name, never by Python reference: undo and
 file loads free the Python objects.
@@ -30,7 +31,7 @@ from pathlib import Path
 import bpy
 
 from ..client import PACKAGE_DIR, Job, WorkerClient
-from . import history, output, world
+from . import history, lighting, output, world
 from .common import prefs, runtime, short, tag_redraw, user_dir, vendor_setup_script
 from .props import MAX_SEED
 from .tasks import BackgroundTask, worker_env
@@ -201,6 +202,7 @@ class Controller:
             width=int(pick("width")),
             height=int(pick("height")),
             lora_strength=float(pick("lora_strength")),
+            sun_share=float(pick("sun_share")),
             device=p.device.lower() if p is not None else "auto",
             dtype=p.dtype.lower() if p is not None else "bf16",
             memory_mode=p.memory_mode.lower() if p is not None else "auto",
@@ -436,29 +438,67 @@ class Controller:
         if state is not None:
             state.preview_icon = 0
 
+    def apply_result(
+        self,
+        scene: bpy.types.Scene,
+        event: dict,
+        params: dict,
+        *,
+        world_name: str | None = None,
+        take_world: bool | None = None,
+        pack: bool | None = None,
+        seconds: float = 0.0,
+        before_assign=None,
+    ) -> bpy.types.Image:
+        """Apply a worker `result` event to `scene`: the HDR (or PNG) into the DiT360 chain of the World
+        `world_name` (default: the scene's; a new one if there is none), the scene uses that World
+        (unless `take_world` is False), its Sun lamp is set up, and the history gets an entry.
+
+        This is the path every generated world takes (`_finish_success` calls it; tests and scripts
+        that have a result of their own may too). `before_assign()` runs after the World is set up and
+        before the scene takes it (the job uses it to drop its preview World). Returns the image the
+        World shows. Raises on failure (nothing is recorded then)."""
+        settings = scene.dit360
+        target = bpy.data.worlds.get(world_name) if world_name else scene.world
+        if target is None:
+            target = bpy.data.worlds.new("World")
+        if take_world is None:
+            take_world = scene.world is None or scene.world == target
+        image = lighting.apply_result(target, event, pack=settings.pack_image if pack is None else pack)
+        target["dit360_prompt"] = params["prompt"]
+        target["dit360_seed"] = int(params["seed"])
+        target["dit360_image"] = image.name
+        if before_assign is not None:
+            before_assign()
+        if take_world:
+            scene.world = target
+        if scene.world == target:
+            lighting.sync_sun(scene, target)
+        history.record(scene, params, event, image, seconds)
+        if self.previews is not None:
+            key = f"history:{event['path']}"
+            if key not in self.previews and Path(event["path"]).is_file():
+                self.previews.load(key, str(event["path"]), "IMAGE")
+        return image
+
     def _finish_success(self, job: ActiveJob, event: dict) -> None:
         scene = self._scene(job)
-        settings = scene.dit360
+        seconds = float((event.get("timings") or {}).get("total_s", time.monotonic() - job.started))
         try:
-            image = output.load_result(event["path"], event.get("metadata") or {}, pack=settings.pack_image)
             target = bpy.data.worlds.get(job.world_name) if job.world_name else None
             preview = bpy.data.worlds.get(job.preview_world) if job.preview_world else None
             if target is None:
                 target = bpy.data.worlds.new("World")
             uses_ours = scene.world is None or scene.world == preview or scene.world == target
-            world.set_image(target, image)
-            target["dit360_prompt"] = job.params["prompt"]
-            target["dit360_seed"] = int(job.params["seed"])
-            target["dit360_image"] = image.name
-            self._drop_preview(job, restore_world=False)
-            if uses_ours:
-                scene.world = target
-            seconds = float((event.get("timings") or {}).get("total_s", time.monotonic() - job.started))
-            history.record(scene, job.params, event["path"], image, seconds)
-            if self.previews is not None:
-                key = f"history:{event['path']}"
-                if key not in self.previews:
-                    self.previews.load(key, str(event["path"]), "IMAGE")
+            image = self.apply_result(
+                scene,
+                event,
+                job.params,
+                world_name=target.name,
+                take_world=uses_ours,
+                seconds=seconds,
+                before_assign=lambda: self._drop_preview(job, restore_world=False),
+            )
         except Exception as exc:
             traceback.print_exc()
             self._finish_error(

@@ -6,13 +6,16 @@
 
 Every node we add carries a custom property ``dit360_role`` and sits in a Frame labelled "DiT360",
 so the user can tell them apart and we can find them again whatever they are renamed to.
-Regenerating swaps the Environment Texture's image and nothing else; nodes the user added stay
-where they are (they are disconnected from the output only when our chain is first created).
+Regenerating swaps the Environment Texture's image (and the Background strengths follow its
+exposure) and nothing else; nodes the user added stay where they are (they are disconnected from the
+output only when our chain is first created). The Sun lamp that goes with the image is `lighting.py`'s.
 """
 
 from __future__ import annotations
 
 import bpy
+
+from .output import exposure
 
 ROLE = "dit360_role"
 FRAME_LABEL = "DiT360"
@@ -133,7 +136,15 @@ def set_image(world: bpy.types.World, image: bpy.types.Image) -> dict[str, bpy.t
     nodes = ensure_chain(world)
     if nodes["env"].image != image:
         nodes["env"].image = image
+        sync_controls(world)  # the exposure belongs to the image
     return nodes
+
+
+def background_strength(world: bpy.types.World | None) -> float:
+    """The strength the lighting Background node has (or gets): exposure x the Strength control."""
+    if world is None:
+        return 1.0
+    return exposure(current_image(world)) * world.dit360.strength
 
 
 def current_image(world: bpy.types.World | None) -> bpy.types.Image | None:
@@ -142,7 +153,11 @@ def current_image(world: bpy.types.World | None) -> bpy.types.Image | None:
 
 
 def sync_controls(world: bpy.types.World) -> None:
-    """Write the World's DiT360 settings (rotation, strengths, split) into our nodes."""
+    """Write the World's DiT360 settings (rotation, strengths, split) into our nodes.
+
+    The strengths are multipliers on the environment's computed exposure (`output.exposure`: the
+    Background strength at which a grey card of albedo 0.18 facing up renders 0.18; 1.0 for images
+    that carry no lighting analysis)."""
     nodes = our_nodes(world)
     if not all(role in nodes for role in CHAIN):
         return  # nothing of ours yet: the settings apply when the chain is made
@@ -151,7 +166,8 @@ def sync_controls(world: bpy.types.World) -> None:
     rotation = nodes["mapping"].inputs["Rotation"].default_value
     if abs(rotation[2] - settings.rotation) > 1e-7:
         rotation[2] = settings.rotation
-    _set(nodes["background"].inputs["Strength"], settings.strength)
+    auto = exposure(nodes["env"].image)
+    _set(nodes["background"].inputs["Strength"], auto * settings.strength)
     out = output_node(nt)
     if settings.split_camera:
         frame = nodes.get("frame")
@@ -162,7 +178,7 @@ def sync_controls(world: bpy.types.World) -> None:
         _link(nt.links, nodes["lightpath"].outputs["Is Camera Ray"], nodes["mix"].inputs["Fac"])
         _link(nt.links, nodes["background"].outputs["Background"], nodes["mix"].inputs[1])
         _link(nt.links, nodes["camera_background"].outputs["Background"], nodes["mix"].inputs[2])
-        _set(nodes["camera_background"].inputs["Strength"], settings.camera_strength)
+        _set(nodes["camera_background"].inputs["Strength"], auto * settings.camera_strength)
         if out is not None and _feeds_output(out, nodes["background"]):
             nt.links.new(nodes["mix"].outputs["Shader"], out.inputs["Surface"])
     elif any(role in nodes for role in SPLIT):

@@ -185,6 +185,15 @@ def render_sphere_mean(out_path: str) -> tuple[list[float], int]:
     return [float(x) for x in a[_disc_mask()][:, :3].mean(axis=0)], covered
 
 
+def environment_for_prediction(world: bpy.types.World) -> tuple[np.ndarray, float]:
+    """Turn our Sun lamp off (the sun, if the generator drew one, stays in the map: `.hdr`) and return
+    the World's environment pixels and its lighting Background strength (exposure x Strength)."""
+    world_mod = sys.modules[MODULE + ".blender.world"]
+    world.dit360.use_sun = False
+    nodes = world_mod.our_nodes(world)
+    return image_linear(nodes["env"].image), float(nodes["background"].inputs["Strength"].default_value)
+
+
 def image_linear(image: bpy.types.Image) -> np.ndarray:
     """(H, W, 3) linear float pixels of a Blender image, row 0 = top (Blender converts sRGB bytes)."""
     w, h = image.size
@@ -196,9 +205,12 @@ def image_linear(image: bpy.types.Image) -> np.ndarray:
     return a
 
 
-def predicted_sphere_mean(env: np.ndarray, rotation: float, albedo: float = 0.8) -> list[float]:
+def predicted_sphere_mean(
+    env: np.ndarray, rotation: float, albedo: float = 0.8, strength: float = 1.0
+) -> list[float]:
     """What a Lambertian sphere seen from -Y (orthographic, 64x32 frame, radius 16 px) averages to under
-    `env` turned by the Mapping node's Z `rotation`: albedo/π · ∫ env(ω) max(0, n·ω) dω per pixel."""
+    `env` at Background `strength`, turned by the Mapping node's Z `rotation`:
+    albedo/π · strength · ∫ env(ω) max(0, n·ω) dω per pixel."""
     import importlib
 
     sphere = importlib.import_module(MODULE + ".panorama.sphere")  # the add-on's own numpy-only copy
@@ -221,7 +233,7 @@ def predicted_sphere_mean(env: np.ndarray, rotation: float, albedo: float = 0.8)
     normals = np.stack([x, -np.sqrt(np.clip(1 - x * x - z * z, 0.0, None)), z], axis=1)
     cos = np.clip(normals @ world_dirs.T, 0.0, None) * omega[None, :]
     irradiance = cos @ radiance  # (pixels, 3)
-    return [float(x) for x in (albedo / np.pi * irradiance).mean(axis=0)]
+    return [float(x) for x in (albedo * strength / np.pi * irradiance).mean(axis=0)]
 
 
 class Steps:

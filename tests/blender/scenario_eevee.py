@@ -36,8 +36,9 @@ def step_eevee(data: dict) -> None:
     harness.sphere_scene(engine)
     api = importlib.import_module(harness.MODULE + ".api")
     image = api.generate_world(PROMPT, seed=8, steps=3, width=128, height=64, wait=True, timeout=180)
-    env = harness.image_linear(image)
     world = bpy.context.scene.world
+    data["returned_kind"] = image.get("dit360_kind")
+    env, strength = harness.environment_for_prediction(world)  # .hdr (the sun, if any, in the map)
     world_mod = sys.modules[harness.MODULE + ".blender.world"]
     renders = {}
     for label, rotation in (("rot0", 0.0), ("rot180", 3.141592653589793)):
@@ -45,7 +46,7 @@ def step_eevee(data: dict) -> None:
         t0 = time.monotonic()
         mean, covered = harness.render_sphere_mean(str(WORK / f"eevee_{label}.exr"))
         renders[label] = {"mean": mean, "covered_px": covered, "seconds": time.monotonic() - t0,
-                          "predicted": harness.predicted_sphere_mean(env, rotation)}  # fmt: skip
+                          "predicted": harness.predicted_sphere_mean(env, rotation, strength=strength)}  # fmt: skip
     world.dit360.rotation = 0.0
     black = bpy.data.images.new("black", 16, 8)
     black.pixels.foreach_set([0.0, 0.0, 0.0, 1.0] * 16 * 8)

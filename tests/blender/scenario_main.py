@@ -342,9 +342,12 @@ def step_render_cycles(data: dict) -> None:
     image = api.generate_world(
         PROMPT, seed=CFG.get("render_seed", 8), steps=3, wait=True, timeout=120, **SMALL
     )
-    env = harness.image_linear(image)
-    data["env_mean"] = [float(x) for x in env.reshape(-1, 3).mean(axis=0)]
     world = bpy.context.scene.world
+    data["returned_kind"] = image.get("dit360_kind")
+    env, strength = harness.environment_for_prediction(world)
+    image = sys.modules[harness.MODULE + ".blender.world"].current_image(world)  # .hdr: the sun in the map
+    data["env_mean"] = [float(x) for x in env.reshape(-1, 3).mean(axis=0)]
+    data["strength"] = strength
     renders = {}
     for label, rotation in (("rot0", 0.0), ("rot180", 3.141592653589793)):
         world.dit360.rotation = rotation
@@ -353,7 +356,7 @@ def step_render_cycles(data: dict) -> None:
         renders[label] = {
             "mean": mean,
             "covered_px": covered,
-            "predicted": harness.predicted_sphere_mean(env, rotation),
+            "predicted": harness.predicted_sphere_mean(env, rotation, strength=strength),
             "seconds": time.monotonic() - t0,
         }
     world.dit360.rotation = 0.0
@@ -499,6 +502,9 @@ def step_history(data: dict) -> None:
         Path(bpy.path.abspath(mod_world.current_image(scene.world).filepath)).resolve()
     )
     data["oldest_file"] = str(Path(h[last].filepath).resolve())
+    applied = mod_world.current_image(scene.world)
+    data["applied_png"] = str(Path(applied.get("dit360_png_file", "")).resolve())
+    data["oldest_hdrs"] = [str(Path(q).resolve()) for q in (h[last].hdr_path, h[last].lighting_path) if q]
     scene.dit360.seed = 1
     scene.dit360.randomize_seed = True
     bpy.ops.dit360.history_to_panel(index=last)
@@ -510,6 +516,9 @@ def step_history(data: dict) -> None:
 def step_world_controls(data: dict) -> None:
     world = bpy.context.scene.world
     settings = world.dit360
+    data["exposure"] = sys.modules[harness.MODULE + ".blender.output"].exposure(
+        sys.modules[harness.MODULE + ".blender.world"].current_image(world)
+    )
     settings.strength = 2.5
     settings.split_camera = True
     settings.camera_strength = 0.25
