@@ -39,7 +39,6 @@ from .text_encoders import TextEncoders
 
 T5_MAX_LENGTH = 512
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STAGES = ("loading", "encoding", "sampling", "decoding", "saving")
 TOKEN_SIZE = VAE_DOWNSCALE * PATCH  # one transformer token covers 16x16 pixels
 
 __all__ = ["Cancelled", "DiT360Pipeline", "GenerateRequest", "Generation", "pick_device", "DTYPES"]
