@@ -176,6 +176,18 @@ class DIT360_UL_history(bpy.types.UIList):
         row.label(text=f"{item.prompt}  (seed {item.seed})")
 
 
+def draw_generate_button(layout: bpy.types.UILayout, scale_y: float = 1.0) -> None:
+    """Generate, or Cancel while a job runs, and the progress under it."""
+    row = layout.row(align=True)
+    row.scale_y = scale_y
+    state = runtime()
+    if CONTROLLER.busy or (state is not None and state.running):
+        row.operator("dit360.cancel", icon="CANCEL")
+    else:
+        row.operator("dit360.generate", icon="WORLD")
+    draw_progress(layout)
+
+
 class DIT360_PT_main(bpy.types.Panel):
     bl_label = "DiT360 World"
     bl_idname = "DIT360_PT_main"
@@ -197,14 +209,7 @@ class DIT360_PT_main(bpy.types.Panel):
         col.prop(settings, "steps")
         col.prop(settings, "guidance")
         col.prop(settings, "lora_strength")
-        row = layout.row(align=True)
-        row.scale_y = 1.5
-        state = runtime()
-        if CONTROLLER.busy or (state is not None and state.running):
-            row.operator("dit360.cancel", icon="CANCEL")
-        else:
-            row.operator("dit360.generate", icon="WORLD")
-        draw_progress(layout)
+        draw_generate_button(layout, scale_y=1.5)
 
 
 class DIT360_PT_advanced(bpy.types.Panel):
@@ -283,13 +288,7 @@ class DIT360_PT_world_properties(bpy.types.Panel):
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
         draw_world_controls(layout, context)
-        row = layout.row(align=True)
-        state = runtime()
-        if CONTROLLER.busy or (state is not None and state.running):
-            row.operator("dit360.cancel", icon="CANCEL")
-        else:
-            row.operator("dit360.generate", icon="WORLD")
-        draw_progress(layout)
+        draw_generate_button(layout)
 
 
 CLASSES = (
