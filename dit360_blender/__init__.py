@@ -5,7 +5,7 @@ it imports neither bpy nor torch: the CLI and the worker import `pipeline` direc
 imports the Blender-side modules only when it registers the add-on.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 
 def register() -> None:

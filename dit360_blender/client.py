@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .protocol import (
     FINAL_TYPES,
     PORT_ANNOUNCE,

@@ -17,14 +17,9 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from dit360_blender.pipeline.autoencoder import (
-    FLUX_DEV_AE,
-    AutoEncoder,
-    AutoEncoderParams,
-    convert_diffusers_vae_to_bfl,
-    load_autoencoder,
-)
 from dit360_blender.pipeline.errors import BadCheckpointError, WeightsMissingError
+from dit360_blender.pipeline.vae_checkpoint import convert_diffusers_vae_to_bfl, load_autoencoder
+from dit360_blender.pipeline.vae_model import FLUX_DEV_AE, AutoEncoder, AutoEncoderParams
 
 SCALE, SHIFT = 0.3611, 0.1159
 REL_TOL = 1e-5

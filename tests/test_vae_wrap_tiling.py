@@ -18,7 +18,7 @@ from test_parity_vae import convert_diffusers_vae_to_bfl, make_tiny_diffusers_va
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dit360_blender.pipeline.autoencoder import AutoEncoder, _conv3x3
+from dit360_blender.pipeline.vae_model import AutoEncoder, _conv3x3
 
 ROLL_TOL = 1e-5
 TILED_TOL = 1e-3

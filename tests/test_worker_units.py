@@ -196,7 +196,7 @@ def test_parent_watch_sees_a_process_die():
 
 
 def test_fit_latent_rgb_shapes(tiny_paths):
-    from dit360_blender.pipeline.autoencoder import load_autoencoder
+    from dit360_blender.pipeline.vae_checkpoint import load_autoencoder
 
     vae = load_autoencoder(tiny_paths.vae, dtype=torch.float32, device="cpu")
     weights, bias = fit_latent_rgb(vae)

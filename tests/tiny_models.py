@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from test_parity_vae import _poison
 from tiny_flux_repo import CLIP_DIM, T5_DIM, build_tiny_text_stack
 
-from dit360_blender.pipeline.autoencoder import convert_diffusers_vae_to_bfl
 from dit360_blender.pipeline.flux_checkpoint import iter_bfl_tensors
+from dit360_blender.pipeline.vae_checkpoint import convert_diffusers_vae_to_bfl
 
 TINY_VAE_CONFIG = {
     "in_channels": 3,

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..pipeline.autoencoder import FLUX_DEV_AE, AutoEncoder, AutoEncoderParams
 from ..pipeline.flux_checkpoint import convert_bfl_to_diffusers
 from ..pipeline.flux_model import FLUX_DEV, Flux, FluxParams
+from ..pipeline.vae_model import FLUX_DEV_AE, AutoEncoder, AutoEncoderParams
 
 
 @dataclass

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .autoencoder import AutoEncoder, load_autoencoder
 from .errors import BadParametersError, DeviceError
 from .flux_checkpoint import infer_params, load_flux_transformer, read_shapes
 from .flux_layers import set_attention_backend
@@ -36,6 +35,8 @@ from .sampling import (
 )
 from .streaming import BlockStreamer, module_bytes, move_except, spread_indices
 from .text_encoders import TextEncoders
+from .vae_checkpoint import load_autoencoder
+from .vae_model import AutoEncoder
 
 T5_MAX_LENGTH = 512
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

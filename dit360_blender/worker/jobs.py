@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..panorama.analyze import analyze, write_lighting_files
 from ..pipeline.dit360 import Cancelled, DiT360Pipeline, GenerateRequest, pick_device
 from ..pipeline.errors import DiT360Error

@@ -480,7 +480,7 @@ def runtime_info() -> dict:
     """What `ready` reports. Imports torch and the pipeline, so a broken install fails here, at start."""
     import torch
 
-    from .. import __version__
+    from .._version import __version__
     from ..pipeline.dit360 import pick_device
 
     device = pick_device("auto")
