@@ -180,8 +180,8 @@ def test_blender_side_modules_import_only_the_standard_library(module):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: only the package root and the protocol
-                assert node.module in (None, "protocol"), node.module
+            if node.level:  # relative: only the leaf version module and the protocol
+                assert node.module in ("_version", "protocol"), node.module
                 continue
             names = [node.module]
         else:
