@@ -17,7 +17,7 @@ from PIL import Image
 from dit360_blender.pipeline.dit360 import Cancelled
 from dit360_blender.pipeline.errors import BadParametersError, OutputWriteError, WeightsMissingError
 from dit360_blender.protocol import MAX_PREVIEW_HEIGHT, MAX_PREVIEW_WIDTH, check_generate_params
-from dit360_blender.worker.jobqueue import Job, JobQueue
+from dit360_blender.worker.jobqueue import JobQueue, QueuedJob
 from dit360_blender.worker.jobs import JobRunner, classify
 from dit360_blender.worker.outputs import ensure_writable, plan_output, slugify
 from dit360_blender.worker.parent import parent_watch
@@ -124,7 +124,7 @@ def _job(tmp_path, **over):
             **over,
         }
     )
-    return Job("job1", params)
+    return QueuedJob("job1", params)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_queue_order_cancel_and_stop():
     q = JobQueue()
     positions = []
     for name in "abc":
-        q.put(Job(name, {}), positions.append)
+        q.put(QueuedJob(name, {}), positions.append)
     assert positions == [0, 1, 2]
     running = q.take()
     assert running.job_id == "a"

@@ -2,5 +2,5 @@
 
 Started by `dit360_blender.client` as ``python -m <package>.worker`` so that torch, the model and
 its GPU memory live outside Blender; speaks `dit360_blender.protocol`. Importing this package
-imports nothing heavy: torch is imported by `server.main` when the process starts.
+imports nothing heavy: torch is imported by `__main__.main` once the socket listens.
 """

@@ -1,8 +1,75 @@
-"""Entry point: ``python -m dit360_blender.worker --log-dir DIR --parent-pid PID``.
+"""The DiT360 model worker: ``python -m dit360_blender.worker --log-dir DIR --parent-pid PID``.
 
-The token is read from the DIT360_WORKER_TOKEN environment variable (never argv).
+Started by `dit360_blender.client`, which sets the launch token in the DIT360_WORKER_TOKEN environment
+variable (never argv). Order matters for start-up time: the socket is bound and its port announced
+before torch is imported, so the client connects while the slow import runs.
 """
 
-from .server import main
+from __future__ import annotations
 
-raise SystemExit(main())
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..protocol import PORT_ANNOUNCE, TOKEN_ENV
+from .logs import ClientLogHandler, setup_logging
+from .process import finish
+from .server import HANDSHAKE_TIMEOUT_S, SECRET_ENVS, Worker
+
+logger = logging.getLogger("dit360_blender.worker")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dit360_blender.worker", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--log-dir", required=True, type=Path, help="folder for worker.log")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=HANDSHAKE_TIMEOUT_S,
+        help="a connection must say hello within this (s)",
+    )
+    parser.add_argument(
+        "--accept-timeout", type=float, default=300.0, help="exit if no client authenticates within this (s)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    token = os.environ.pop(TOKEN_ENV, "")  # not inherited by anything this process starts
+    if len(token) < 16:
+        print(f"{TOKEN_ENV} is not set: the worker is started by dit360_blender.client.", file=sys.stderr)
+        return 2
+    secrets = [token] + [os.environ[k].strip() for k in SECRET_ENVS if os.environ.get(k, "").strip()]
+    log_path = setup_logging(args.log_dir, secrets)
+    logger.info(
+        "worker starting (pid %d, parent %s, python %s, package %s)",
+        os.getpid(), args.parent_pid, sys.executable, Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    try:
+        worker = Worker(
+            token, [s.encode("utf-8") for s in secrets], args.accept_timeout, args.handshake_timeout
+        )
+        port = worker.listen()
+    except BaseException:
+        logger.exception("the worker could not start")
+        return finish(3)
+    worker.watch(args.parent_pid)
+    print(f"{PORT_ANNOUNCE} {port}", flush=True)  # the client connects while torch is imported
+    logging.getLogger().addHandler(ClientLogHandler(worker.send, secrets))
+    try:
+        worker.start_jobs(log_path)
+        code = worker.run_jobs()
+    except BaseException:
+        logger.exception("the worker failed")
+        code = 3
+    return finish(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class Job:
+class QueuedJob:
     """One queued `generate`; `cancel` is the flag the pipeline's should_cancel reads."""
 
     job_id: str
@@ -34,11 +34,11 @@ class JobQueue:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
-        self._running: Job | None = None
+        self._queue: deque[QueuedJob] = deque()
+        self._running: QueuedJob | None = None
         self._stopped = False
 
-    def put(self, job: Job, announce: Callable[[int], None]) -> None:
+    def put(self, job: QueuedJob, announce: Callable[[int], None]) -> None:
         """Queue `job`; `announce(position)` is called under the lock so the `queued` reply is sent
         before the runner can start the job (position 0 = runs next)."""
         with self._cond:
@@ -46,7 +46,7 @@ class JobQueue:
             self._queue.append(job)
             self._cond.notify_all()
 
-    def take(self) -> Job | None:
+    def take(self) -> QueuedJob | None:
         with self._cond:
             while not self._queue and not self._stopped:
                 self._cond.wait()
@@ -55,7 +55,7 @@ class JobQueue:
             self._running = self._queue.popleft()
             return self._running
 
-    def done(self, job: Job) -> None:
+    def done(self, job: QueuedJob) -> None:
         with self._cond:
             if self._running is job:
                 self._running = None
@@ -66,7 +66,7 @@ class JobQueue:
                 j.job_id == job_id for j in self._queue
             )
 
-    def cancel(self, job_id: str) -> tuple[str, Job] | None:
+    def cancel(self, job_id: str) -> tuple[str, QueuedJob] | None:
         """("running", job) after flagging it, ("queued", job) after removing it, or None."""
         with self._cond:
             if self._running is not None and self._running.job_id == job_id:
@@ -78,7 +78,7 @@ class JobQueue:
                     return "queued", job
         return None
 
-    def stop(self) -> list[Job]:
+    def stop(self) -> list[QueuedJob]:
         """Cancel the running job, empty the queue (returning what was in it), wake `take`."""
         with self._cond:
             self._stopped = True

@@ -18,10 +18,10 @@ from .._version import __version__
 from ..panorama.analyze import analyze, write_lighting_files
 from ..pipeline.dit360 import Cancelled, DiT360Pipeline, GenerateRequest, pick_device
 from ..pipeline.errors import DiT360Error
-from ..pipeline.hub import resolve_model_paths
 from ..pipeline.image_io import save_png
+from ..pipeline.model_files.download import resolve_model_paths
 from ..protocol import error, message
-from .jobqueue import Job
+from .jobqueue import QueuedJob
 from .outputs import ensure_writable, plan_output
 from .preview import PreviewRenderer, encode_preview, fit_latent_rgb
 
@@ -120,7 +120,7 @@ class JobRunner:
         self.log_path = log_path
         self._tail_s = 0.0  # decode + save time of the last job, for the ETA
 
-    def run(self, job: Job) -> bool:
+    def run(self, job: QueuedJob) -> bool:
         """Run `job`; False when the worker must exit afterwards (a failure that breaks the GPU)."""
         job.started = time.monotonic()
         try:
@@ -135,7 +135,7 @@ class JobRunner:
         self.send(report)
         return not fatal
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: QueuedJob) -> None:
         p = job.params
         request = GenerateRequest(
             prompt=p["prompt"], seed=p["seed"], steps=p["steps"], guidance=float(p["guidance"]),
@@ -185,12 +185,12 @@ class JobRunner:
 
     # -- events ----------------------------------------------------------------------------------
 
-    def _stage(self, job: Job, stage: str) -> None:
+    def _stage(self, job: QueuedJob, stage: str) -> None:
         if stage == "sampling":
             job.sampling_started = time.monotonic()
         self._progress(job, stage, eta=None)
 
-    def _progress(self, job: Job, stage: str, eta: float | None, detail: str | None = None) -> None:
+    def _progress(self, job: QueuedJob, stage: str, eta: float | None, detail: str | None = None) -> None:
         elapsed = time.monotonic() - job.started
         msg = message(
             "progress", job_id=job.job_id, stage=stage, step=job.step, total=job.params["steps"],
@@ -200,7 +200,7 @@ class JobRunner:
             msg["detail"] = detail
         self.send(msg)
 
-    def _step_cb(self, job: Job, previews: PreviewRenderer | None) -> Callable:
+    def _step_cb(self, job: QueuedJob, previews: PreviewRenderer | None) -> Callable:
         every = job.params["preview_every"]
 
         def on_step(i: int, total: int, x: torch.Tensor) -> None:
@@ -214,7 +214,7 @@ class JobRunner:
 
         return on_step
 
-    def _previews(self, job: Job) -> PreviewRenderer | None:
+    def _previews(self, job: QueuedJob) -> PreviewRenderer | None:
         p = job.params
         if p["preview_every"] <= 0:
             return None
@@ -226,7 +226,9 @@ class JobRunner:
             )
             return None
 
-    def _send_preview(self, job: Job, previews: PreviewRenderer, i: int, total: int, x: torch.Tensor) -> None:
+    def _send_preview(
+        self, job: QueuedJob, previews: PreviewRenderer, i: int, total: int, x: torch.Tensor
+    ) -> None:
         try:
             png, width, height = previews.render(i, x)
         except Exception:
@@ -239,7 +241,7 @@ class JobRunner:
             )
         )  # fmt: skip
 
-    def _download_cb(self, job: Job) -> Callable[[str, int, int], None]:
+    def _download_cb(self, job: QueuedJob) -> Callable[[str, int, int], None]:
         last = [0.0]
 
         def on_download(filename: str, done: int, total: int) -> None:
@@ -253,7 +255,7 @@ class JobRunner:
 
         return on_download
 
-    def _report(self, job: Job, exc: BaseException) -> tuple[dict, bool]:
+    def _report(self, job: QueuedJob, exc: BaseException) -> tuple[dict, bool]:
         """The job's final `error` message and whether the worker must exit."""
         code, text, hint, fatal = classify(exc, self.log_path)
         details: dict = {}

@@ -1,8 +1,8 @@
 """The worker process: a loopback socket server in front of the job runner.
 
-Lifecycle: bind 127.0.0.1 on an ephemeral port, print ``DIT360_WORKER_PORT <port>`` on stdout,
-import torch and the pipeline (while the client connects), answer the client's `hello` with `ready`,
-then run jobs on the main thread until `shutdown`, the client's disconnect, or the parent's death.
+Lifecycle (driven by `__main__`): bind 127.0.0.1 on an ephemeral port (`listen`), import torch and
+the pipeline while the client connects (`start_jobs`), answer the client's `hello` with `ready`, then
+run jobs on the main thread (`run_jobs`) until `shutdown`, the client's disconnect, or the parent's death.
 
 Threads: the main thread runs jobs; one thread accepts connections; each connection is served on
 its own thread (a handshake, then, for the one authenticated client, its reader loop); a watchdog
@@ -12,23 +12,16 @@ token) gets events; any other connection is refused with an `error` and closed.
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import logging
-import logging.handlers
 import os
-import platform
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 from ..protocol import (
     CLIENT_MESSAGES,
-    PORT_ANNOUNCE,
-    PROTOCOL_VERSION,
-    TOKEN_ENV,
     FrameDecoder,
     ProtocolError,
     check_generate_params,
@@ -37,8 +30,9 @@ from ..protocol import (
     error,
     message,
 )
-from .jobqueue import Job, JobQueue
+from .jobqueue import JobQueue, QueuedJob
 from .parent import parent_watch
+from .process import hard_exit, ready_fields, rss_bytes
 
 logger = logging.getLogger("dit360_blender.worker")
 
@@ -47,7 +41,6 @@ SEND_TIMEOUT_S = 30.0  # a client that stops reading this long is treated as gon
 STOP_GRACE_S = 10.0  # after shutdown, the running job gets this long to stop before a hard exit
 WATCH_INTERVAL_S = 0.5  # parent check period (the issue asks for at least once a second)
 MAX_HANDSHAKES = 8  # concurrent unauthenticated connections; more are dropped at once
-LOG_MAX_BYTES = 5 * 1024 * 1024
 SECRET_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
@@ -107,10 +100,10 @@ class Worker:
         self.secrets = secrets
         self.accept_timeout = accept_timeout
         self.queue = JobQueue()
-        self.runner = None  # a jobs.JobRunner, set by `start_runtime` (it needs torch)
+        self.runner = None  # a jobs.JobRunner, set by `start_jobs` (it needs torch)
         self.cache = None
         self.owner: Connection | None = None
-        self.runtime: dict | None = None
+        self.ready_info: dict | None = None  # what `ready` reports, set by `start_jobs`
         self._owner_lock = threading.Lock()
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -165,7 +158,7 @@ class Worker:
             return
         sock.settimeout(SEND_TIMEOUT_S)
         self._ready.wait()
-        conn.send(message("ready", **(self.runtime or {})))
+        conn.send(message("ready", **(self.ready_info or {})))
         logger.info("client connected")
         self._read_loop(conn, decoder, rest)
         logger.info("client disconnected")
@@ -268,7 +261,7 @@ class Worker:
             conn.send(error("cancelled", "The worker is shutting down.", "Submit again.", job_id=job_id))
             return
         self.queue.put(
-            Job(job_id, params), lambda pos: conn.send(message("queued", job_id=job_id, position=pos))
+            QueuedJob(job_id, params), lambda pos: conn.send(message("queued", job_id=job_id, position=pos))
         )
 
     def _on_cancel(self, conn: Connection, msg: dict) -> None:
@@ -306,11 +299,11 @@ class Worker:
 
     # -- life cycle ------------------------------------------------------------------------------
 
-    def start_runtime(self, log_path: Path) -> None:
+    def start_jobs(self, log_path: Path) -> None:
         """Import torch and the pipeline (slow: seconds), then let the waiting client in."""
         from .jobs import JobRunner, ModelCache
 
-        self.runtime = runtime_info()
+        self.ready_info = ready_fields()
         self.cache = ModelCache()
         self.runner = JobRunner(self.send, self.cache, log_path)
         self._ready.set()
@@ -353,211 +346,3 @@ class Worker:
                     hard_exit(0, "no client connected in time")
 
         threading.Thread(target=loop, name="watchdog", daemon=True).start()
-
-
-# ----------------------------------------------------------------------------------------------
-# Process-level helpers
-
-
-def hard_exit(code: int, reason: str) -> None:
-    """Leave now, whatever the job is doing: the process's memory (and VRAM) goes with it."""
-    logger.warning("exiting: %s", reason)
-    for handler in logging.getLogger().handlers:
-        try:
-            handler.flush()
-        except Exception:
-            pass
-    os._exit(code)
-
-
-def rss_bytes() -> int | None:
-    """Resident memory of this process (Linux and Windows; None elsewhere)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        pass
-    if sys.platform == "win32":
-        return _windows_rss()
-    return None
-
-
-def _windows_rss() -> int | None:
-    import ctypes
-    from ctypes import wintypes
-
-    class Counters(ctypes.Structure):
-        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
-            (name, ctypes.c_size_t)
-            for name in (
-                "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
-                "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage",
-            )
-        ]  # fmt: skip
-
-    counters = Counters()
-    counters.cb = ctypes.sizeof(Counters)
-    kernel32 = ctypes.WinDLL("kernel32")
-    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
-    kernel32.K32GetProcessMemoryInfo.argtypes = [wintypes.HANDLE, ctypes.c_void_p, wintypes.DWORD]
-    kernel32.K32GetProcessMemoryInfo.restype = wintypes.BOOL
-    ok = kernel32.K32GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb)
-    return int(counters.WorkingSetSize) if ok else None
-
-
-class ScrubbingFormatter(logging.Formatter):
-    """Formats, then blanks out secrets (tokens), tracebacks included."""
-
-    def __init__(self, fmt: str, secrets: list[str]) -> None:
-        super().__init__(fmt)
-        self.secrets = [s for s in secrets if s]
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-
-class _MessageOnly(ScrubbingFormatter):
-    """The message alone: tracebacks stay in the log file, not in events."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__("%(message)s", secrets)
-
-    def formatException(self, ei) -> str:
-        return ""
-
-    def format(self, record: logging.LogRecord) -> str:
-        record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
-        return super().format(record)
-
-
-class ClientLogHandler(logging.Handler):
-    """Forwards notable log lines to the client as `log` events: warnings from anywhere, info from us."""
-
-    def __init__(self, send, secrets: list[str]) -> None:
-        super().__init__(logging.INFO)
-        self.send = send
-        self.setFormatter(_MessageOnly(secrets))
-        self._local = threading.local()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno < logging.WARNING and not record.name.startswith("dit360_blender"):
-            return
-        if getattr(self._local, "busy", False):  # a failing send must not log itself in a loop
-            return
-        self._local.busy = True
-        try:
-            text = self.format(record)
-            self.send(message("log", level=record.levelname.lower(), message=text[:4000]))
-        except Exception:
-            pass
-        finally:
-            self._local.busy = False
-
-
-def setup_logging(log_dir: Path, secrets: list[str]) -> Path:
-    """`<log_dir>/worker.log` (rotated at 5 MB, one backup) plus warnings on stderr."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / "worker.log"
-    fmt = "%(asctime)s pid %(process)d %(threadName)s %(levelname)s %(name)s: %(message)s"
-    file_handler = logging.handlers.RotatingFileHandler(
-        path, maxBytes=LOG_MAX_BYTES, backupCount=1, encoding="utf-8"
-    )
-    file_handler.setFormatter(ScrubbingFormatter(fmt, secrets))
-    err_handler = logging.StreamHandler(sys.stderr)
-    err_handler.setLevel(logging.WARNING)
-    err_handler.setFormatter(ScrubbingFormatter(fmt, secrets))
-    root = logging.getLogger()
-    root.handlers[:] = [file_handler, err_handler]
-    root.setLevel(logging.INFO)
-    logging.captureWarnings(True)
-    return path
-
-
-def runtime_info() -> dict:
-    """What `ready` reports. Imports torch and the pipeline, so a broken install fails here, at start."""
-    import torch
-
-    from .._version import __version__
-    from ..pipeline.dit360 import pick_device
-
-    device = pick_device("auto")
-    name, free = _describe(torch, device)
-    return {
-        "protocol": PROTOCOL_VERSION,
-        "package_version": __version__,
-        "torch_version": str(torch.__version__),
-        "python_version": platform.python_version(),
-        "device": device.type,
-        "device_name": name,
-        "free_vram": free,
-        "pid": os.getpid(),
-    }
-
-
-def _describe(torch, device) -> tuple[str, int | None]:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return torch.cuda.get_device_name(device), int(free)
-    if device.type == "mps":
-        return "Apple GPU (MPS)", None
-    return platform.processor() or platform.machine() or "CPU", None
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m dit360_blender.worker", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--log-dir", required=True, type=Path, help="folder for worker.log")
-    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
-    parser.add_argument(
-        "--handshake-timeout",
-        type=float,
-        default=HANDSHAKE_TIMEOUT_S,
-        help="a connection must say hello within this (s)",
-    )
-    parser.add_argument(
-        "--accept-timeout", type=float, default=300.0, help="exit if no client authenticates within this (s)"
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    token = os.environ.pop(TOKEN_ENV, "")  # not inherited by anything this process starts
-    if len(token) < 16:
-        print(f"{TOKEN_ENV} is not set: the worker is started by dit360_blender.client.", file=sys.stderr)
-        return 2
-    secrets = [token] + [os.environ[k].strip() for k in SECRET_ENVS if os.environ.get(k, "").strip()]
-    log_path = setup_logging(args.log_dir, secrets)
-    logger.info(
-        "worker starting (pid %d, parent %s, python %s, package %s)",
-        os.getpid(), args.parent_pid, sys.executable, Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    try:
-        worker = Worker(
-            token, [s.encode("utf-8") for s in secrets], args.accept_timeout, args.handshake_timeout
-        )
-        port = worker.listen()
-    except BaseException:
-        logger.exception("the worker could not start")
-        return _finish(3)
-    worker.watch(args.parent_pid)
-    print(f"{PORT_ANNOUNCE} {port}", flush=True)  # the client connects while torch is imported
-    logging.getLogger().addHandler(ClientLogHandler(worker.send, secrets))
-    try:
-        worker.start_runtime(log_path)
-        code = worker.run_jobs()
-    except BaseException:
-        logger.exception("the worker failed")
-        code = 3
-    return _finish(code)
-
-
-def _finish(code: int) -> int:
-    """Skip interpreter teardown (daemon threads blocked in sockets, CUDA finalisers): flush and go."""
-    logger.info("worker exiting (code %d)", code)
-    logging.shutdown()
-    os._exit(code)
