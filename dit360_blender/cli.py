@@ -134,8 +134,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, seed: int) -> int:
     from .pipeline.dit360 import DiT360Pipeline, GenerateRequest, pick_device
-    from .pipeline.hub import resolve_model_paths
     from .pipeline.image_io import save_png
+    from .pipeline.model_files.download import resolve_model_paths
 
     request = GenerateRequest(
         prompt=args.prompt,
@@ -301,7 +301,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"HF offline     {'yes' if os.environ.get('HF_HUB_OFFLINE') else 'no'}")
     print("Models:")
     try:
-        from .pipeline.hub import find_model_paths
+        from .pipeline.model_files.local_search import find_model_paths
 
         found = find_model_paths(explicit=_explicit_paths(args), models_dir=args.models_dir)
     except Exception as exc:  # doctor must always finish and say what it can

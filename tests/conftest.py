@@ -14,6 +14,6 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_paths(tiny_models):
-    from dit360_blender.pipeline.hub import resolve_model_paths
+    from dit360_blender.pipeline.model_files.download import resolve_model_paths
 
     return resolve_model_paths(models_dir=tiny_models["root"])

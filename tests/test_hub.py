@@ -1,4 +1,4 @@
-"""Model resolution and download (dit360_blender.pipeline.hub) against a local fake Hugging Face Hub.
+"""Model resolution and download (dit360_blender.pipeline.model_files) against a local fake Hugging Face Hub.
 
 The fake Hub is a threaded ``http.server`` on 127.0.0.1 that answers the endpoints the installed
 huggingface_hub calls: ``GET /api/models/{repo}/revision/{rev}`` (repo listing + commit sha) and
@@ -25,16 +25,29 @@ pytest.importorskip("huggingface_hub")
 
 import huggingface_hub.constants as hf_constants  # noqa: E402
 
-from dit360_blender.pipeline import hub  # noqa: E402
 from dit360_blender.pipeline.errors import (  # noqa: E402
     BadParametersError,
     DownloadError,
     GatedRepoAccessError,
     WeightsMissingError,
 )
+from dit360_blender.pipeline.model_files.catalogue import (  # noqa: E402
+    COMPONENTS,
+    FLUX_LICENSE_URL,
+    FLUX_REPO,
+    LORA_REPO,
+    ModelPaths,
+    pick_lora,
+)
+from dit360_blender.pipeline.model_files.download import (  # noqa: E402
+    _progress_bar_class,
+    download_models,
+    resolve_model_paths,
+)
+from dit360_blender.pipeline.model_files.local_search import find_model_paths  # noqa: E402
 
 TOKEN = "hf_TESTsecretTOKEN1234567890abcdef"
-COMMITS = {hub.FLUX_REPO: "a" * 40, hub.LORA_REPO: "b" * 40}
+COMMITS = {FLUX_REPO: "a" * 40, LORA_REPO: "b" * 40}
 
 
 def st_bytes(n_data: int, fill: int = 7) -> bytes:
@@ -85,7 +98,7 @@ def make_repos() -> dict[str, dict[str, bytes]]:
         for name, data in files.items():
             if data == b"{}":
                 files[name] = json.dumps({"file": name}).encode()
-    return {hub.FLUX_REPO: flux, hub.LORA_REPO: lora}
+    return {FLUX_REPO: flux, LORA_REPO: lora}
 
 
 class FakeHub:
@@ -93,7 +106,7 @@ class FakeHub:
 
     def __init__(self) -> None:
         self.repos = make_repos()
-        self.gated = {hub.FLUX_REPO}  # needs "Authorization: Bearer TOKEN" on /resolve
+        self.gated = {FLUX_REPO}  # needs "Authorization: Bearer TOKEN" on /resolve
         self.missing_repos: set[str] = set()
         self.drop_once: set[str] = set()  # GET of these paths is cut half-way, once
         self.fail_get: set[str] = set()  # GET of these paths answers 500
@@ -289,14 +302,14 @@ def downloaded_files(fake: FakeHub) -> set[str]:
 
 
 def expected_files(use_lora: bool = True) -> set[str]:
-    files = {f"{hub.FLUX_REPO}:{f}" for f in FLUX_NEEDED}
+    files = {f"{FLUX_REPO}:{f}" for f in FLUX_NEEDED}
     if use_lora:
-        files |= {f"{hub.LORA_REPO}:{f}" for f in LORA_NEEDED}
+        files |= {f"{LORA_REPO}:{f}" for f in LORA_NEEDED}
     return files
 
 
-def check_paths(paths: hub.ModelPaths, flux_root: Path, lora_root: Path, fake: FakeHub) -> None:
-    flux = fake.repos[hub.FLUX_REPO]
+def check_paths(paths: ModelPaths, flux_root: Path, lora_root: Path, fake: FakeHub) -> None:
+    flux = fake.repos[FLUX_REPO]
     assert paths.transformer == flux_root / "flux1-dev.safetensors"
     assert paths.transformer.read_bytes() == flux["flux1-dev.safetensors"]
     assert paths.vae == flux_root / "ae.safetensors"
@@ -308,7 +321,7 @@ def check_paths(paths: hub.ModelPaths, flux_root: Path, lora_root: Path, fake: F
     for bad in ("transformer", "vae", "README.md", "model_index.json"):
         assert not (flux_root / bad).exists(), bad
     assert paths.lora == lora_root / "adapter_model.safetensors"
-    assert paths.lora.read_bytes() == fake.repos[hub.LORA_REPO]["adapter_model.safetensors"]
+    assert paths.lora.read_bytes() == fake.repos[LORA_REPO]["adapter_model.safetensors"]
     assert (lora_root / "adapter_config.json").is_file()
     assert not (lora_root / "old").exists()
 
@@ -331,7 +344,7 @@ def secret_nowhere(err: BaseException, caplog, secret: str = TOKEN) -> None:
 
 def test_download_into_cache_with_token_then_found_offline(fake_hub, hf_env):
     events: list[tuple[str, int, int]] = []
-    paths = hub.resolve_model_paths(
+    paths = resolve_model_paths(
         allow_download=True,
         token=TOKEN,
         progress=lambda f, done, total: events.append((f, done, total)),
@@ -342,15 +355,15 @@ def test_download_into_cache_with_token_then_found_offline(fake_hub, hf_env):
     assert len(fake_hub.gets()) == len(expected_files())
     # the token went with every request to the gated repo
     for method, path, headers in fake_hub.requests:
-        if path.startswith(f"/{hub.FLUX_REPO}/resolve/"):
+        if path.startswith(f"/{FLUX_REPO}/resolve/"):
             assert headers.get("authorization") == f"Bearer {TOKEN}", (method, path)
 
-    flux_root = hf_env / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / COMMITS[hub.FLUX_REPO]
+    flux_root = hf_env / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / COMMITS[FLUX_REPO]
     lora_root = (
         hf_env
         / "models--Insta360-Research--DiT360-Panorama-Image-Generation"
         / "snapshots"
-        / COMMITS[hub.LORA_REPO]
+        / COMMITS[LORA_REPO]
     )
     check_paths(paths, flux_root, lora_root, fake_hub)
 
@@ -362,52 +375,52 @@ def test_download_into_cache_with_token_then_found_offline(fake_hub, hf_env):
     for f, seq in by_file.items():
         dones = [d for d, _ in seq]
         assert dones == sorted(dones), f
-        size = len({**fake_hub.repos[hub.FLUX_REPO], **fake_hub.repos[hub.LORA_REPO]}[f])
+        size = len({**fake_hub.repos[FLUX_REPO], **fake_hub.repos[LORA_REPO]}[f])
         assert seq[-1] == (size, size), f
     assert len(by_file["flux1-dev.safetensors"]) > 10  # 20 kB in 1 kB chunks
 
     # found again in the cache without a single request, with or without allow_download
     fake_hub.requests.clear()
-    assert hub.resolve_model_paths(endpoint=fake_hub.url) == paths
-    assert hub.resolve_model_paths(allow_download=True, endpoint=fake_hub.url) == paths
-    assert hub.download_models(endpoint=fake_hub.url) == paths
-    assert hub.find_model_paths() == paths.as_dict()
+    assert resolve_model_paths(endpoint=fake_hub.url) == paths
+    assert resolve_model_paths(allow_download=True, endpoint=fake_hub.url) == paths
+    assert download_models(endpoint=fake_hub.url) == paths
+    assert find_model_paths() == paths.as_dict()
     assert fake_hub.requests == []
 
 
 def test_download_into_models_dir_with_env_token(fake_hub, tmp_path, monkeypatch, hf_env):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     models = tmp_path / "models"
-    paths = hub.download_models(models_dir=models, endpoint=fake_hub.url)
+    paths = download_models(models_dir=models, endpoint=fake_hub.url)
     assert downloaded_files(fake_hub) == expected_files()
     check_paths(paths, models / "FLUX.1-dev", models / "DiT360", fake_hub)
     assert not hf_env.exists() or not any(hf_env.glob("models--*/snapshots/*/*"))
 
     fake_hub.requests.clear()
     monkeypatch.delenv("HF_TOKEN")
-    assert hub.resolve_model_paths(models_dir=models, endpoint=fake_hub.url) == paths
+    assert resolve_model_paths(models_dir=models, endpoint=fake_hub.url) == paths
     assert fake_hub.requests == []
 
 
 def test_use_lora_false_skips_lora(fake_hub, tmp_path):
-    paths = hub.resolve_model_paths(
+    paths = resolve_model_paths(
         models_dir=tmp_path / "m", allow_download=True, token=TOKEN, use_lora=False, endpoint=fake_hub.url
     )
     assert paths.lora is None
     assert downloaded_files(fake_hub) == expected_files(use_lora=False)
-    assert not any(hub.LORA_REPO in p for _, p, _ in fake_hub.requests)
+    assert not any(LORA_REPO in p for _, p, _ in fake_hub.requests)
 
 
 def write_layout(root: Path, repos: dict[str, dict[str, bytes]]) -> None:
-    for repo, sub in ((hub.FLUX_REPO, "FLUX.1-dev"), (hub.LORA_REPO, "DiT360")):
-        for name in FLUX_NEEDED if repo == hub.FLUX_REPO else LORA_NEEDED:
+    for repo, sub in ((FLUX_REPO, "FLUX.1-dev"), (LORA_REPO, "DiT360")):
+        for name in FLUX_NEEDED if repo == FLUX_REPO else LORA_NEEDED:
             target = root / sub / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(repos[repo][name])
 
 
 def test_explicit_beats_models_dir_beats_cache(fake_hub, tmp_path, hf_env):
-    cached = hub.resolve_model_paths(allow_download=True, token=TOKEN, endpoint=fake_hub.url)
+    cached = resolve_model_paths(allow_download=True, token=TOKEN, endpoint=fake_hub.url)
     models = tmp_path / "models"
     write_layout(models, fake_hub.repos)
     (models / "FLUX.1-dev" / "ae.safetensors").unlink()  # -> the VAE still comes from the cache
@@ -426,7 +439,7 @@ def test_explicit_beats_models_dir_beats_cache(fake_hub, tmp_path, hf_env):
     diffusers_vae.mkdir()
 
     fake_hub.requests.clear()
-    paths = hub.resolve_model_paths(
+    paths = resolve_model_paths(
         explicit={"transformer": str(mine), "lora": lora_dir, "text_encoder": None},
         models_dir=models,
         endpoint=fake_hub.url,
@@ -440,29 +453,29 @@ def test_explicit_beats_models_dir_beats_cache(fake_hub, tmp_path, hf_env):
     assert paths.tokenizer_2 == models / "FLUX.1-dev" / "tokenizer_2"
 
     # a diffusers folder is accepted when given explicitly
-    paths = hub.resolve_model_paths(explicit={"vae": diffusers_vae}, models_dir=models)
+    paths = resolve_model_paths(explicit={"vae": diffusers_vae}, models_dir=models)
     assert paths.vae == diffusers_vae
 
 
 def test_models_dir_layout_without_hub(tmp_path):
     models = tmp_path / "models"
     write_layout(models, make_repos())
-    paths = hub.resolve_model_paths(models_dir=models)  # no endpoint at all: must not need one
+    paths = resolve_model_paths(models_dir=models)  # no endpoint at all: must not need one
     assert paths.transformer == models / "FLUX.1-dev" / "flux1-dev.safetensors"
     assert paths.tokenizer == models / "FLUX.1-dev" / "tokenizer"
     assert paths.lora == models / "DiT360" / "adapter_model.safetensors"
-    assert hub.find_model_paths(models_dir=models, use_lora=False)["lora"] is None
+    assert find_model_paths(models_dir=models, use_lora=False)["lora"] is None
 
 
 def test_explicit_path_that_does_not_exist(tmp_path):
     missing = tmp_path / "nope" / "ae.safetensors"
     with pytest.raises(WeightsMissingError) as info:
-        hub.resolve_model_paths(explicit={"vae": missing})
+        resolve_model_paths(explicit={"vae": missing})
     assert str(missing) in info.value.message
     assert info.value.hint
-    assert hub.find_model_paths(explicit={"vae": missing})["vae"] is None
+    assert find_model_paths(explicit={"vae": missing})["vae"] is None
     with pytest.raises(BadParametersError):
-        hub.resolve_model_paths(explicit={"unet": tmp_path})
+        resolve_model_paths(explicit={"unet": tmp_path})
 
 
 def test_missing_without_download_lists_everything(tmp_path, hf_env):
@@ -472,7 +485,7 @@ def test_missing_without_download_lists_everything(tmp_path, hf_env):
     for f in (models / "FLUX.1-dev" / "text_encoder_2").glob("model-00002*"):
         f.unlink()
     with pytest.raises(WeightsMissingError) as info:
-        hub.resolve_model_paths(models_dir=models)
+        resolve_model_paths(models_dir=models)
     err = info.value
     first = err.message.splitlines()[0]
     assert "transformer" in first and "text_encoder_2" in first and "vae" not in first
@@ -481,43 +494,41 @@ def test_missing_without_download_lists_everything(tmp_path, hf_env):
     assert str(models / "FLUX.1-dev") in err.message
     assert str(hf_env) in err.message
     assert "--download" in err.hint and "Preferences" in err.hint
-    assert hub.FLUX_LICENSE_URL in err.hint
+    assert FLUX_LICENSE_URL in err.hint
     assert str(models / "FLUX.1-dev" / "flux1-dev.safetensors") in err.hint
 
     with pytest.raises(WeightsMissingError) as info:
-        hub.resolve_model_paths()
-    assert all(c in info.value.message.splitlines()[0] for c in hub.COMPONENTS)
-    found = hub.find_model_paths()
-    assert set(found) == set(hub.COMPONENTS) and all(v is None for v in found.values())
+        resolve_model_paths()
+    assert all(c in info.value.message.splitlines()[0] for c in COMPONENTS)
+    found = find_model_paths()
+    assert set(found) == set(COMPONENTS) and all(v is None for v in found.values())
 
 
 def test_truncated_file_does_not_count_and_is_replaced(fake_hub, tmp_path):
     models = tmp_path / "models"
     write_layout(models, fake_hub.repos)
     flux = models / "FLUX.1-dev" / "flux1-dev.safetensors"
-    flux.write_bytes(fake_hub.repos[hub.FLUX_REPO]["flux1-dev.safetensors"][:5000])
-    assert hub.find_model_paths(models_dir=models)["transformer"] is None
+    flux.write_bytes(fake_hub.repos[FLUX_REPO]["flux1-dev.safetensors"][:5000])
+    assert find_model_paths(models_dir=models)["transformer"] is None
     with pytest.raises(WeightsMissingError) as info:
-        hub.resolve_model_paths(models_dir=models)
+        resolve_model_paths(models_dir=models)
     assert "incomplete" in info.value.message
 
-    paths = hub.resolve_model_paths(
-        models_dir=models, allow_download=True, token=TOKEN, endpoint=fake_hub.url
-    )
-    assert downloaded_files(fake_hub) == {f"{hub.FLUX_REPO}:flux1-dev.safetensors"}
+    paths = resolve_model_paths(models_dir=models, allow_download=True, token=TOKEN, endpoint=fake_hub.url)
+    assert downloaded_files(fake_hub) == {f"{FLUX_REPO}:flux1-dev.safetensors"}
     assert paths.transformer == flux
-    assert flux.read_bytes() == fake_hub.repos[hub.FLUX_REPO]["flux1-dev.safetensors"]
+    assert flux.read_bytes() == fake_hub.repos[FLUX_REPO]["flux1-dev.safetensors"]
 
 
 @pytest.mark.parametrize("token", [None, "hf_WRONGsecretTOKEN99999"])
 def test_gated_repo(fake_hub, tmp_path, caplog, token):
     caplog.set_level(logging.DEBUG)
     with pytest.raises(GatedRepoAccessError) as info:
-        hub.resolve_model_paths(
+        resolve_model_paths(
             models_dir=tmp_path / "models", allow_download=True, token=token, endpoint=fake_hub.url
         )
     err = info.value
-    assert hub.FLUX_REPO in err.message
+    assert FLUX_REPO in err.message
     assert ("401" if token is None else "403") in err.message
     assert "https://huggingface.co/black-forest-labs/FLUX.1-dev" in err.hint
     assert "https://huggingface.co/settings/tokens" in err.hint
@@ -532,15 +543,15 @@ def test_gated_error_never_shows_env_token(fake_hub, tmp_path, caplog, monkeypat
     secret = "hf_ENVsecretTOKENabcdefabcdef"
     monkeypatch.setenv("HF_TOKEN", secret)
     caplog.set_level(logging.DEBUG)
-    fake_hub.missing_repos.add(hub.FLUX_REPO)  # listing answers 404 ...
+    fake_hub.missing_repos.add(FLUX_REPO)  # listing answers 404 ...
     with pytest.raises(DownloadError) as info:
-        hub.resolve_model_paths(allow_download=True, endpoint=fake_hub.url)
+        resolve_model_paths(allow_download=True, endpoint=fake_hub.url)
     assert not isinstance(info.value, GatedRepoAccessError)
     assert "does not exist" in info.value.message
     secret_nowhere(info.value, caplog, secret)
     fake_hub.missing_repos.clear()
     with pytest.raises(GatedRepoAccessError) as info:  # ... then /resolve answers 403 GatedRepo
-        hub.resolve_model_paths(allow_download=True, endpoint=fake_hub.url)
+        resolve_model_paths(allow_download=True, endpoint=fake_hub.url)
     secret_nowhere(info.value, caplog, secret)
     assert any(
         h.get("authorization") == f"Bearer {secret}" for _, p, h in fake_hub.requests if "/resolve/" in p
@@ -551,17 +562,17 @@ def test_offline_mode(fake_hub, tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     models = tmp_path / "models"
     with pytest.raises(DownloadError) as info:
-        hub.resolve_model_paths(models_dir=models, allow_download=True, token=TOKEN, endpoint=fake_hub.url)
+        resolve_model_paths(models_dir=models, allow_download=True, token=TOKEN, endpoint=fake_hub.url)
     err = info.value
     assert "No connection" in err.message and "HF_HUB_OFFLINE" in err.message
     for f in FLUX_NEEDED:
         assert str(models / "FLUX.1-dev" / Path(f)) in err.hint, f
-    assert str(models / "DiT360") in err.hint and hub.LORA_REPO in err.hint
+    assert str(models / "DiT360") in err.hint and LORA_REPO in err.hint
     assert fake_hub.requests == []
 
     # what is on disk still resolves while offline
     write_layout(models, fake_hub.repos)
-    assert hub.resolve_model_paths(models_dir=models, allow_download=True).lora is not None
+    assert resolve_model_paths(models_dir=models, allow_download=True).lora is not None
 
 
 def test_no_connection(tmp_path, caplog):
@@ -570,7 +581,7 @@ def test_no_connection(tmp_path, caplog):
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there any more
     with pytest.raises(DownloadError) as info:
-        hub.resolve_model_paths(allow_download=True, token=TOKEN, endpoint=f"http://127.0.0.1:{port}")
+        resolve_model_paths(allow_download=True, token=TOKEN, endpoint=f"http://127.0.0.1:{port}")
     err = info.value
     assert "No connection" in err.message
     assert "<models folder>" in err.hint and "flux1-dev.safetensors" in err.hint
@@ -581,14 +592,14 @@ def test_no_connection(tmp_path, caplog):
 def test_dropped_connection_resumes(fake_hub, tmp_path):
     fake_hub.drop_once = {"flux1-dev.safetensors"}
     events = []
-    paths = hub.resolve_model_paths(
+    paths = resolve_model_paths(
         models_dir=tmp_path / "models",
         allow_download=True,
         token=TOKEN,
         progress=lambda f, d, t: events.append((f, d, t)) if f == "flux1-dev.safetensors" else None,
         endpoint=fake_hub.url,
     )
-    data = fake_hub.repos[hub.FLUX_REPO]["flux1-dev.safetensors"]
+    data = fake_hub.repos[FLUX_REPO]["flux1-dev.safetensors"]
     assert paths.transformer.read_bytes() == data
     gets = [h for m, p, h in fake_hub.requests if m == "GET" and p.endswith("/flux1-dev.safetensors")]
     assert len(gets) == 2
@@ -603,19 +614,15 @@ def test_failure_keeps_finished_files(fake_hub, tmp_path):
     shard = "text_encoder_2/model-00002-of-00002.safetensors"
     fake_hub.fail_get = {shard}
     with pytest.raises(DownloadError) as info:
-        hub.resolve_model_paths(models_dir=models, allow_download=True, token=TOKEN, endpoint=fake_hub.url)
+        resolve_model_paths(models_dir=models, allow_download=True, token=TOKEN, endpoint=fake_hub.url)
     assert "500" in info.value.message and "text_encoder_2" in info.value.message
     done = models / "FLUX.1-dev"
-    assert (done / "flux1-dev.safetensors").read_bytes() == fake_hub.repos[hub.FLUX_REPO][
-        "flux1-dev.safetensors"
-    ]
+    assert (done / "flux1-dev.safetensors").read_bytes() == fake_hub.repos[FLUX_REPO]["flux1-dev.safetensors"]
     assert (done / "text_encoder_2" / "model-00001-of-00002.safetensors").is_file()
     assert not (done / shard).exists()
 
     fake_hub.fail_get = set()
-    paths = hub.resolve_model_paths(
-        models_dir=models, allow_download=True, token=TOKEN, endpoint=fake_hub.url
-    )
+    paths = resolve_model_paths(models_dir=models, allow_download=True, token=TOKEN, endpoint=fake_hub.url)
     assert paths.text_encoder_2 == done / "text_encoder_2"
     assert len(fake_hub.gets("/flux1-dev.safetensors")) == 1  # not fetched again
     assert len(fake_hub.gets("/model-00001-of-00002.safetensors")) == 1
@@ -631,7 +638,7 @@ def test_progress_exception_propagates(fake_hub, tmp_path):
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        hub.resolve_model_paths(
+        resolve_model_paths(
             models_dir=tmp_path / "m",
             allow_download=True,
             token=TOKEN,
@@ -648,7 +655,7 @@ def test_progress_bar_fits_xet_reporter():
 
     reporter_mod = pytest.importorskip("huggingface_hub.utils._xet_progress_reporting")
     events = []
-    bar = hub._progress_bar_class("flux1-dev.safetensors", lambda f, d, t: events.append((f, d, t)))
+    bar = _progress_bar_class("flux1-dev.safetensors", lambda f, d, t: events.append((f, d, t)))
     reporter = reporter_mod.XetDownloadProgressReporter(
         reconstruction_desc="x", total=1000, log_level=logging.INFO, tqdm_class=bar
     )
@@ -666,7 +673,7 @@ def test_progress_bar_fits_xet_reporter():
 
 
 def test_pick_lora():
-    assert hub._pick_lora(["a/adapter_model.safetensors", "x.safetensors", "README.md"]) == "x.safetensors"
-    assert hub._pick_lora(["z.safetensors", "adapter_model.safetensors"]) == "adapter_model.safetensors"
-    assert hub._pick_lora(["z.safetensors", "dit360_lora.safetensors"]) == "dit360_lora.safetensors"
-    assert hub._pick_lora(["README.md"]) is None
+    assert pick_lora(["a/adapter_model.safetensors", "x.safetensors", "README.md"]) == "x.safetensors"
+    assert pick_lora(["z.safetensors", "adapter_model.safetensors"]) == "adapter_model.safetensors"
+    assert pick_lora(["z.safetensors", "dit360_lora.safetensors"]) == "dit360_lora.safetensors"
+    assert pick_lora(["README.md"]) is None

@@ -26,7 +26,7 @@ import torch
 
 from ..pipeline.dit360 import DEFAULT_IMAGE_TOKENS, DiT360Pipeline, GenerateRequest
 from ..pipeline.fp8 import Fp8Linear
-from ..pipeline.hub import resolve_model_paths
+from ..pipeline.model_files.download import resolve_model_paths
 from ..pipeline.sampling import image_ids, wrap_pad_ids
 from .synthetic import FULL, TINY, write_synthetic_models
 

@@ -15,9 +15,9 @@ from .flux_checkpoint import infer_params, load_flux_transformer, read_shapes
 from .flux_layers import set_attention_backend
 from .flux_model import Flux
 from .fp8 import enable_fp8_matmul
-from .hub import FLUX_REPO, LORA_REPO, ModelPaths
 from .lora import LoraMerger, load_lora
 from .memory import MemoryPlan, plan_memory, resident_block_budget
+from .model_files.catalogue import FLUX_REPO, LORA_REPO, ModelPaths
 from .sampling import (
     PATCH,
     VAE_DOWNSCALE,

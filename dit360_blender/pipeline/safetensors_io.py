@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +10,13 @@ import torch
 from safetensors import safe_open
 
 from .errors import BadCheckpointError, WeightsMissingError
+from .model_files.safetensors_header import safetensors_problem
+
+_FIXES = {
+    "cut_short": "The download probably stopped part-way: delete the file and download it again.",
+    "foreign": "Point the add-on at the .safetensors file itself, not a renamed .ckpt/.bin.",
+    "unreadable": "Check that the file can be read (permissions, disk), or download it again.",
+}
 
 
 def check_safetensors_file(path: Path) -> None:
@@ -21,44 +26,24 @@ def check_safetensors_file(path: Path) -> None:
     the download stopped half-way, which is by far the most common cause.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsMissingError(
-            f"Weights file not found: {path}",
-            "Check the path, or let the add-on download the models (Preferences > Models).",
-        )
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _truncated(path, size)
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > 100_000_000 or 8 + header_len > size:
-            raise _truncated(path, size)
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadCheckpointError(
-                f"{path} is not a safetensors file (its header is not valid JSON: {exc}).",
-                "Point the add-on at the .safetensors file itself, not a renamed .ckpt/.bin.",
-            ) from exc
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + data_end > size:
-        raise _truncated(path, size)
-
-
-def _truncated(path: Path, size: int) -> BadCheckpointError:
-    return BadCheckpointError(
-        f"{path} is truncated or damaged ({size} bytes; its header describes more data).",
-        "The download probably stopped part-way: delete the file and download it again.",
+    if path.is_file():
+        problem = safetensors_problem(path)
+        if problem is None:
+            return
+        if problem.kind != "missing":  # "missing": deleted since is_file() looked
+            raise BadCheckpointError(f"{path} {problem.text}.", _FIXES[problem.kind])
+    raise WeightsMissingError(
+        f"Weights file not found: {path}",
+        "Check the path, or let the add-on download the models (Preferences > Models).",
     )
 
 
 @contextmanager
-def open_safetensors(path: Path, device: str = "cpu") -> Iterator:
-    """Open a checked safetensors file; tensors are read only when asked for (mmap)."""
+def open_safetensors(path: Path) -> Iterator:
+    """Open a checked safetensors file; tensors are read into CPU memory only when asked for (mmap)."""
     check_safetensors_file(path)
     try:
-        with safe_open(str(path), framework="pt", device=device) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             yield f
     except BadCheckpointError:
         raise

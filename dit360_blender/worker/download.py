@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 from ..pipeline.errors import DiT360Error
-from ..pipeline.hub import COMPONENTS, download_models, find_model_paths, resolve_model_paths
+from ..pipeline.model_files.catalogue import COMPONENTS
+from ..pipeline.model_files.download import download_models, resolve_model_paths
+from ..pipeline.model_files.local_search import find_model_paths
 
 REPORT_EVERY_S = 0.2
 
