@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .launch import PACKAGE_DIR, worker_env
 from .protocol import (
     FINAL_TYPES,
     PORT_ANNOUNCE,
@@ -54,10 +55,10 @@ from .protocol import (
     error,
     message,
 )
+from .redact import redact
 
 # `python -m <name>.worker` must name the package as it is on disk; inside Blender the add-on is
 # imported as `bl_ext.<repo>.dit360_blender`, a name the worker (outside Blender) knows nothing of.
-PACKAGE_DIR = Path(__file__).resolve().parent
 WORKER_MODULE = f"{PACKAGE_DIR.name}.worker"
 
 HANDSHAKE_TIMEOUT_S = 120.0  # a cold torch import on Windows can take tens of seconds
@@ -471,19 +472,9 @@ class WorkerClient:
         return w
 
     def _env(self, token: str) -> dict[str, str]:
-        """The worker's environment: the secrets live only here (argv is visible to other users)."""
-        env = dict(os.environ)
+        """The worker's environment, with the launch token: the secrets live only here."""
+        env = worker_env(self.vendor_dir, self._hf_token, self.extra_env)
         env[TOKEN_ENV] = token
-        if self._hf_token:
-            env["HF_TOKEN"] = self._hf_token
-        paths = ([str(self.vendor_dir)] if self.vendor_dir else []) + [str(PACKAGE_DIR.parent)]
-        if env.get("PYTHONPATH"):
-            paths.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONIOENCODING"] = "utf-8"
-        env["PYTHONSAFEPATH"] = "1"  # 3.11+: do not put the working directory first on sys.path
-        env.update(self.extra_env)
         return env
 
     def _wait_port(self, w: _Worker, deadline: float) -> None:
@@ -637,7 +628,7 @@ class WorkerClient:
         self._events.put(event)
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._hf_token, "***") if self._hf_token else text
+        return redact(text, [self._hf_token])
 
 
 def _start_error(exc: Exception, log_dir: Path) -> WorkerError:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..client import PACKAGE_DIR
+from ..redact import redact
 
 LOG_TAIL = 200
 
@@ -80,16 +81,11 @@ class BackgroundTask:
         self._reader = threading.Thread(target=self._read, name=f"dit360-{name}", daemon=True)
         self._reader.start()
 
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
     def _read(self) -> None:
         assert self.proc.stdout is not None
         try:
             for raw in iter(self.proc.stdout.readline, b""):
-                line = self._scrub(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                line = redact(raw.decode("utf-8", "replace").rstrip("\r\n"), self._secrets)
                 self._log.write(line + "\n")
                 self._log.flush()
                 self._queue.put(line)

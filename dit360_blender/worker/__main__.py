@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 from ..protocol import PORT_ANNOUNCE, TOKEN_ENV
+from ..redact import env_secrets
 from .logs import ClientLogHandler, setup_logging
 from .process import finish
-from .server import HANDSHAKE_TIMEOUT_S, SECRET_ENVS, Worker
+from .server import HANDSHAKE_TIMEOUT_S, Worker
 
 logger = logging.getLogger("dit360_blender.worker")
 
@@ -45,16 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(token) < 16:
         print(f"{TOKEN_ENV} is not set: the worker is started by dit360_blender.client.", file=sys.stderr)
         return 2
-    secrets = [token] + [os.environ[k].strip() for k in SECRET_ENVS if os.environ.get(k, "").strip()]
+    secrets = [token, *env_secrets()]
     log_path = setup_logging(args.log_dir, secrets)
     logger.info(
         "worker starting (pid %d, parent %s, python %s, package %s)",
         os.getpid(), args.parent_pid, sys.executable, Path(__file__).resolve().parents[1],
     )  # fmt: skip
     try:
-        worker = Worker(
-            token, [s.encode("utf-8") for s in secrets], args.accept_timeout, args.handshake_timeout
-        )
+        worker = Worker(token, secrets, args.accept_timeout, args.handshake_timeout)
         port = worker.listen()
     except BaseException:
         logger.exception("the worker could not start")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..protocol import message
+from ..redact import redact
 
 LOG_MAX_BYTES = 5 * 1024 * 1024
 
@@ -20,13 +21,10 @@ class ScrubbingFormatter(logging.Formatter):
 
     def __init__(self, fmt: str, secrets: list[str]) -> None:
         super().__init__(fmt)
-        self.secrets = [s for s in secrets if s]
+        self.secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(super().format(record), self.secrets)
 
 
 class _MessageOnly(ScrubbingFormatter):

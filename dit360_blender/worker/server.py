@@ -30,6 +30,7 @@ from ..protocol import (
     error,
     message,
 )
+from ..redact import redact
 from .jobqueue import JobQueue, QueuedJob
 from .parent import parent_watch
 from .process import hard_exit, ready_fields, rss_bytes
@@ -41,13 +42,12 @@ SEND_TIMEOUT_S = 30.0  # a client that stops reading this long is treated as gon
 STOP_GRACE_S = 10.0  # after shutdown, the running job gets this long to stop before a hard exit
 WATCH_INTERVAL_S = 0.5  # parent check period (the issue asks for at least once a second)
 MAX_HANDSHAKES = 8  # concurrent unauthenticated connections; more are dropped at once
-SECRET_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class Connection:
     """A socket with a send lock (the job thread and the reader thread both send) and secret scrubbing."""
 
-    def __init__(self, sock: socket.socket, secrets: list[bytes]) -> None:
+    def __init__(self, sock: socket.socket, secrets: list[str]) -> None:
         self.sock = sock
         self.secrets = secrets
         self.closed = False
@@ -59,8 +59,7 @@ class Connection:
         except ProtocolError as exc:
             logger.warning("not sent: %s", exc.message)
             return False
-        for secret in self.secrets:
-            data = data.replace(secret, b"***")
+        data = redact(data.decode("utf-8"), self.secrets).encode("utf-8")
         with self._lock:
             if self.closed:
                 return False
@@ -91,7 +90,7 @@ class Worker:
     def __init__(
         self,
         token: str,
-        secrets: list[bytes],
+        secrets: list[str],
         accept_timeout: float,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     ) -> None:
