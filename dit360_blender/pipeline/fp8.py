@@ -45,19 +45,6 @@ class Fp8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.register_buffer("scale_weight", torch.ones(out_features, 1, dtype=torch.float32))
 
-    @classmethod
-    def from_weights(cls, weight: Tensor, bias: Tensor | None) -> Fp8Linear:
-        """Quantise a high-precision weight (fp32 preferred: any LoRA is already merged into it)."""
-        out_features, in_features = weight.shape
-        with torch.device("meta"):
-            layer = cls(in_features, out_features, bias is not None)
-        q, scale = quantize_rowwise(weight)
-        layer.weight = nn.Parameter(q, requires_grad=False)
-        layer.scale_weight = scale.to(q.device)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias, requires_grad=False)
-        return layer
-
     def dequantized(self, dtype: torch.dtype) -> Tensor:
         return (self.weight.to(torch.float32) * self.scale_weight).to(dtype)
 
