@@ -5,10 +5,12 @@
 
 Blender wants `blender_manifest.toml` next to the add-on's `__init__.py` at the top of the zip,
 while this repository keeps the manifest at its root and the add-on in `dit360_blender/`. So the
-build stages a folder holding the manifest, the contents of `dit360_blender/` and `vendor_setup.py`
-(the add-on's Install Dependencies button runs it), then runs `extension build` and
-`extension validate` from Blender's extensions add-on (`bl_pkg`) on it. Tests, caches and virtual
-environments are never staged. Prints the zip's path; exit code 0 on success.
+build stages a folder holding the manifest, the contents of `dit360_blender/`, `vendor_setup.py`
+(the add-on's Install Dependencies button runs it) and the `requirements/runtime.txt` it installs,
+then runs `extension build` and `extension validate` from Blender's extensions add-on (`bl_pkg`) on
+it. What only develops or tests the add-on stays out: tests, caches and virtual environments are
+never staged, nor `requirements/dev.txt`; the manifest's `paths_exclude_pattern` drops `bench/`.
+Prints the zip's path; exit code 0 on success.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def stage(dest: Path) -> Path:
     shutil.copytree(PACKAGE, dest, ignore=IGNORE)
     shutil.copy2(ROOT / "blender_manifest.toml", dest / "blender_manifest.toml")
     shutil.copy2(ROOT / "vendor_setup.py", dest / "vendor_setup.py")
+    (dest / "requirements").mkdir()
+    shutil.copy2(ROOT / "requirements" / "runtime.txt", dest / "requirements" / "runtime.txt")
     for extra in ("LICENSE", "LICENSE.txt", "README.md"):
         if (ROOT / extra).is_file():
             shutil.copy2(ROOT / extra, dest / extra)

@@ -8,8 +8,10 @@ Modes (pick one):
   --target DIR   pip install --target DIR ... with *this* interpreter.  The Blender add-on runs this
                  with Blender's Python and DIR = bpy.utils.extension_path_user(pkg, path="vendor").
   --venv DIR     create a venv at DIR (if needed) and install the runtime packages into it.
-  --dev          create/refresh .venv/ at the repo root with the runtime packages plus the test-only
-                 ones (pytest, ruff, bpy, ...); needs Python 3.11 because bpy only ships cp311 wheels.
+                 (--target and --venv install requirements/runtime.txt.)
+  --dev          create/refresh .venv/ at the repo root with requirements/dev.txt: the runtime
+                 packages at exact versions plus the test-only ones (pytest, ruff, bpy, ...); needs
+                 Python 3.11 because bpy only ships cp311 wheels.
 
 Other options:
 
@@ -48,48 +50,40 @@ import sys
 from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------
-# Requirement pins: the only place versions are written down.
+# Requirements are data: requirements/runtime.txt (what the worker imports; ships beside this
+# script in the add-on's zip) and requirements/dev.txt (the dev/CI venv's exact pins of the same
+# packages plus the test-only ones; not shipped). The files say why each bound is what it is.
 # ---------------------------------------------------------------------------------------------
 
-# Runtime packages the worker imports (installed with --target into Blender's vendor folder, or
-# with --venv).  Loose but bounded: newer minors are accepted, the next major that may break the
-# API is not.  numpy 2 is allowed here because Blender 5.1+ runs Python 3.13, for which numpy 1.26
-# has no wheels; the worker does not share numpy objects with Blender's own numpy.
-RUNTIME_PINS: dict[str, str] = {
-    "torch": "torch>=2.4,<3",
-    "safetensors": "safetensors>=0.4.3,<1",
-    "transformers": "transformers>=4.46,<6",
-    "huggingface_hub": "huggingface_hub>=0.26,<3",
-    "numpy": "numpy>=1.26,<3",
-    "einops": "einops>=0.7,<1",
-    "pillow": "pillow>=10.1,<14",
-}
+REQUIREMENTS_DIR = Path(__file__).resolve().parent / "requirements"
 
-# Dev/CI: the same runtime packages at the exact versions of the reference dev venv, so test runs
-# are reproducible.  torch==2.13.0 resolves to the CPU wheel on the dev/CI machines' local disk.
-# numpy must stay <2 here: bpy 4.5 requires numpy>=1.26,<2.0.
-DEV_RUNTIME_PINS: dict[str, str] = {
-    "torch": "torch==2.13.0",
-    "safetensors": "safetensors==0.8.0",
-    "transformers": "transformers==5.24.0",
-    "huggingface_hub": "huggingface_hub==2.4.0",
-    "numpy": "numpy==1.26.4",
-    "einops": "einops==0.8.2",
-    "pillow": "pillow==13.0.0",
-}
 
-# Test-only packages (dev/CI only, never installed for Blender): the reference implementation the
-# tests compare against (diffusers, peft, sentencepiece, protobuf), the tools, and Blender as a
-# Python module (4.5 LTS, cp311 only; its system libraries are installed by .ci/run).
-DEV_TEST_PINS: dict[str, str] = {
-    "diffusers": "diffusers==0.42.1",
-    "peft": "peft==0.21.2",
-    "sentencepiece": "sentencepiece==0.2.3",
-    "protobuf": "protobuf==7.36.2",
-    "pytest": "pytest==9.2.0",
-    "ruff": "ruff==0.17.6",
-    "bpy": "bpy==4.5.*",
-}
+def requirement_name(req: str) -> str:
+    """The distribution name a requirement starts with: "torch>=2.4,<3" -> "torch"."""
+    name = req.strip()
+    for sep in "<>=!~[; @":
+        name = name.split(sep, 1)[0]
+    return name.lower()
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """Name -> requirement for each requirement line of a pip requirements file, in file order
+    (comments and blank lines skipped); {} when the file is absent, as dev.txt is in the add-on."""
+    if not path.is_file():
+        return {}
+    pins: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        req = line.split(" #", 1)[0].strip()
+        if req and not req.startswith("#"):
+            pins[requirement_name(req)] = req
+    return pins
+
+
+RUNTIME_PINS = read_pins(REQUIREMENTS_DIR / "runtime.txt")
+_DEV_PINS = read_pins(REQUIREMENTS_DIR / "dev.txt")
+# dev.txt pins the runtime packages exactly and adds the test-only ones: the split is by name.
+DEV_RUNTIME_PINS = {name: req for name, req in _DEV_PINS.items() if name in RUNTIME_PINS}
+DEV_TEST_PINS = {name: req for name, req in _DEV_PINS.items() if name not in RUNTIME_PINS}
 
 # Torch indexes for the cuda/cpu choices (override with --torch-index).
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
@@ -97,16 +91,8 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 # ---------------------------------------------------------------------------------------------
 
-# Distribution name -> module to import for --check.
-IMPORT_NAMES: dict[str, str] = {
-    "torch": "torch",
-    "safetensors": "safetensors",
-    "transformers": "transformers",
-    "huggingface_hub": "huggingface_hub",
-    "numpy": "numpy",
-    "einops": "einops",
-    "pillow": "PIL",
-}
+# Distribution name -> module to import for --check, where the two differ.
+IMPORT_NAMES: dict[str, str] = {"pillow": "PIL"}
 
 TORCH_CHOICES = ("auto", "cuda", "cpu", "mps", "local")
 DEV_PYTHON = (3, 11)
@@ -234,6 +220,8 @@ def select_requirements(dev: bool, packages: list[str] | None) -> list[str]:
     """Requirement strings to install, torch first when it is part of the set."""
     pins = dict(DEV_RUNTIME_PINS, **DEV_TEST_PINS) if dev else dict(RUNTIME_PINS)
     if packages is None:
+        if not pins:
+            raise SetupError(missing_requirements(dev))
         return list(pins.values())
     reqs = []
     for name in packages:
@@ -241,11 +229,14 @@ def select_requirements(dev: bool, packages: list[str] | None) -> list[str]:
     return reqs
 
 
+def missing_requirements(dev: bool) -> str:
+    name = "dev.txt" if dev else "runtime.txt"
+    where = "a source checkout: the add-on does not ship it" if dev else "the add-on: reinstall it"
+    return f"{REQUIREMENTS_DIR / name} is missing; it belongs to {where}"
+
+
 def is_torch_req(req: str) -> bool:
-    name = req.strip()
-    for sep in "<>=!~[; @":
-        name = name.split(sep, 1)[0]
-    return name.lower() == "torch"
+    return requirement_name(req) == "torch"
 
 
 def resolve_torch(
@@ -443,6 +434,9 @@ def check_names(dev: bool, packages: list[str] | None) -> tuple[list[str], list[
     """(distributions to import, distributions only looked up in metadata) for --check."""
     if packages is not None:
         return packages, []
+    for wanted, pins in ((False, RUNTIME_PINS), (dev, DEV_TEST_PINS)):
+        if not pins:
+            raise SetupError(missing_requirements(wanted))
     return list(RUNTIME_PINS), (list(DEV_TEST_PINS) if dev else [])
 
 

@@ -5,8 +5,12 @@ nothing that only develops or tests it."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
+import re
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,57 @@ def test_worker_env_puts_the_vendor_folder_and_the_package_first(tmp_path, monke
     assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "vendor"), str(ROOT), "/elsewhere"]
     assert env["HF_TOKEN"] == "hf_abc" and env["HF_HUB_OFFLINE"] == "1"
     assert env["PYTHONSAFEPATH"] == "1" and env["HF_HUB_DISABLE_TELEMETRY"] == "1"
+
+
+# -- the extension zip ------------------------------------------------------------------------------
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[;@ ]", req, maxsplit=1)[0].lower()
+
+
+def _requirement_lines(name: str) -> list[str]:
+    text = (ROOT / "requirements" / name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def zip_path(tmp_path_factory) -> Path:
+    if importlib.util.find_spec("bpy") is None:
+        pytest.skip("building the zip needs the bpy module (Blender's own builder)")
+    out = tmp_path_factory.mktemp("zip")
+    env = dict(os.environ, BLENDER_USER_RESOURCES=str(out / "bpy-user"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "build_extension.py"), "--output-dir", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return next(out.glob("dit360_blender-*.zip"))
+
+
+def test_zip_ships_the_installer_with_its_runtime_requirements_and_nothing_for_developers(zip_path):
+    with zipfile.ZipFile(zip_path) as zf:
+        names = set(zf.namelist())
+        code = {n: zf.read(n) for n in names if n.endswith((".py", ".txt", ".toml"))}
+    assert {"vendor_setup.py", "requirements/runtime.txt"} <= names
+    assert code["requirements/runtime.txt"] == (ROOT / "requirements" / "runtime.txt").read_bytes()
+    assert not any(n.startswith(("bench/", "tests/")) for n in names), sorted(names)
+    assert "requirements/dev.txt" not in names
+    runtime = {_name(r) for r in _requirement_lines("runtime.txt")}
+    test_only = [r for r in _requirement_lines("dev.txt") if _name(r) not in runtime]
+    assert {"pytest", "ruff", "bpy", "diffusers", "peft"} <= {_name(r) for r in test_only}
+    for name, data in code.items():  # no test-only pin is written down anywhere in what ships
+        assert not any(pin.encode() in data for pin in test_only), name
+
+
+def test_the_zipped_installer_reads_its_runtime_requirements(zip_path, tmp_path):
+    addon = tmp_path / "addon"
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(addon)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DIT360_TORCH_SPEC")}
+    cmd = [sys.executable, str(addon / "vendor_setup.py"), "--target", str(tmp_path / "vendor")]
+    proc = subprocess.run([*cmd, "--torch", "local", "--dry-run"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pip = next(line for line in proc.stdout.splitlines() if " -m pip install " in line)
+    for req in _requirement_lines("runtime.txt"):
+        assert req in pip

@@ -148,6 +148,67 @@ def test_dev_stamp_skips_pip_and_force_reinstalls(vs, capsys, monkeypatch, tmp_p
     assert rc == 0 and len(ran) == 1 and "--force-reinstall" in ran[0]
 
 
+# --- the requirement files ---------------------------------------------------------------------------
+
+
+def test_pins_are_read_from_the_requirement_files(vs):
+    assert vs.RUNTIME_PINS["torch"] == "torch>=2.4,<3" and vs.RUNTIME_PINS["pillow"] == "pillow>=10.1,<14"
+    assert list(vs.RUNTIME_PINS) == [
+        "torch", "safetensors", "transformers", "huggingface_hub", "numpy", "einops", "pillow"
+    ]  # fmt: skip
+    assert vs.DEV_RUNTIME_PINS["transformers"] == "transformers==5.24.0"
+    assert set(vs.DEV_TEST_PINS) == {
+        "diffusers",
+        "peft",
+        "sentencepiece",
+        "protobuf",
+        "pytest",
+        "ruff",
+        "bpy",
+    }
+    assert vs.DEV_TEST_PINS["bpy"] == "bpy==4.5.*"
+
+
+def test_read_pins_skips_comments_and_keys_by_name(vs, tmp_path):
+    path = tmp_path / "reqs.txt"
+    path.write_text("# a comment\n\nTorch>=2.4,<3  # why\nbpy==4.5.*\nfoo[extra]>=1\n", encoding="utf-8")
+    assert vs.read_pins(path) == {"torch": "Torch>=2.4,<3", "bpy": "bpy==4.5.*", "foo": "foo[extra]>=1"}
+    assert vs.read_pins(tmp_path / "absent.txt") == {}
+
+
+def _installed_copy(tmp_path, with_runtime: bool):
+    """vendor_setup.py as the add-on ships it: beside requirements/runtime.txt, without dev.txt."""
+    folder = tmp_path / "addon"
+    (folder / "requirements").mkdir(parents=True)
+    (folder / "vendor_setup.py").write_bytes(SCRIPT.read_bytes())
+    if with_runtime:
+        (folder / "requirements" / "runtime.txt").write_bytes(
+            (ROOT / "requirements" / "runtime.txt").read_bytes()
+        )
+    return folder / "vendor_setup.py"
+
+
+def test_the_shipped_layout_installs_the_runtime_pins_and_refuses_dev(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DIT360_TORCH_SPEC")}
+    script = _installed_copy(tmp_path, with_runtime=True)
+    target = ["--target", str(tmp_path / "vendor"), "--torch", "local", "--dry-run"]
+    proc = subprocess.run([sys.executable, str(script), *target], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "transformers>=4.46,<6" in proc.stdout and "pytest==" not in proc.stdout
+    dev = subprocess.run(
+        [sys.executable, str(script), "--dev", "--dry-run"], env=env, capture_output=True, text=True
+    )
+    assert dev.returncode == 1 and "dev.txt is missing" in dev.stderr
+
+
+def test_a_missing_runtime_file_is_an_error_not_an_empty_install(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DIT360_TORCH_SPEC")}
+    script = _installed_copy(tmp_path, with_runtime=False)
+    for args in (["--target", str(tmp_path / "vendor"), "--dry-run"], ["--check"]):
+        proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
+        assert proc.returncode == 1 and "runtime.txt is missing" in proc.stderr, proc.stdout + proc.stderr
+
+
 # --- torch choice for --target / --venv -------------------------------------------------------------
 
 
