@@ -21,12 +21,14 @@ MODEL_FILES = PIPELINE / "model_files"
 
 PIPELINE_FORBIDDEN = ("bpy", "socket", "subprocess", "dit360_blender.protocol")
 # model_files: the standard library, huggingface_hub (and the HTTP client it raises errors of),
-# the pipeline's torch-free errors and its own modules; nothing else.
+# the pipeline's torch-free errors, the package's stdlib-only secret scrubber and its own modules;
+# nothing else.
 MODEL_FILES_ALLOWED = (
     "huggingface_hub",
     "httpx2",
     "dit360_blender.pipeline.errors",
     "dit360_blender.pipeline.model_files",
+    "dit360_blender.redact",
 )
 
 

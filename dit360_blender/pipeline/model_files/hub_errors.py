@@ -8,12 +8,12 @@ the Authorization header).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...redact import env_secrets, redact
 from ..errors import DiT360Error, DownloadError, GatedRepoAccessError
 from .catalogue import GATED_HINT, placement
 
@@ -58,7 +58,7 @@ def _translate(exc: BaseException, ctx: HubCall) -> DiT360Error | None:
     except ImportError:  # older huggingface_hub versions use requests
         transport_errors = ()
 
-    detail = _scrub(f"{type(exc).__name__}: {exc}", ctx.token)
+    detail = redact(f"{type(exc).__name__}: {exc}", [ctx.token, *env_secrets()])
     logger.debug("Hub call for %s failed: %s", ctx.repo_id, detail)
     by_hand = placement(ctx.todo, ctx.models_dir)
 
@@ -112,13 +112,6 @@ def offline_error(components: list[str], models_dir: Path | None, reason: str) -
         "Connect to the internet and retry (files already downloaded are kept), or copy these files by "
         "hand:\n" + placement(components, models_dir),
     )
-
-
-def _scrub(text: str, token: str | None) -> str:
-    for secret in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
-        if secret and secret.strip():
-            text = text.replace(secret.strip(), "***")
-    return text
 
 
 def _first_line(text: str, limit: int = 300) -> str:
