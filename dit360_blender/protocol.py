@@ -77,7 +77,9 @@ STAGES = ("loading", "encoding", "sampling", "decoding", "saving")
 DTYPES = ("fp32", "bf16", "fp16")
 MEMORY_MODES = ("auto", "resident", "fp8", "stream")
 
-# Error codes. Job errors mirror the pipeline's DiT360Error codes; the client adds its own.
+# Error codes: every code an `error` message or a client-side failure carries is declared here, and
+# `error()` refuses any other (tests/test_error_codes.py checks these lists against every code the
+# package produces). Job errors mirror the pipeline's DiT360Error codes plus the worker's own.
 PROTOCOL_ERRORS = (
     "bad_message",  # not JSON, not an object, a field missing or of the wrong type
     "message_too_large",  # a line over MAX_MESSAGE_BYTES
@@ -85,7 +87,7 @@ PROTOCOL_ERRORS = (
     "version_mismatch",  # "v" is not PROTOCOL_VERSION
     "unauthorized",  # wrong token in hello
     "not_authenticated",  # something other than hello first
-    "busy",  # another client already owns this worker
+    "busy",  # another client already owns this worker (in Blender: a generation is running)
     "unknown_job",  # cancel for a job the worker does not have (it may have just finished)
 )
 JOB_ERRORS = (
@@ -102,7 +104,12 @@ JOB_ERRORS = (
     "cancelled",
     "internal",
 )
-CLIENT_ERRORS = ("worker_died", "worker_start_failed")
+CLIENT_ERRORS = (
+    "worker_died",  # the worker process exited while a job was unfinished
+    "worker_start_failed",  # no worker: its Python is missing or broken, or it did not answer
+    "apply_failed",  # Blender could not apply a finished result (the image is gone)
+)
+ERROR_CODES = PROTOCOL_ERRORS + JOB_ERRORS + CLIENT_ERRORS
 
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -206,7 +213,10 @@ def message(type_: str, **fields: Any) -> dict:
 
 
 def error(code: str, message_: str, hint: str = "", job_id: str | None = None, **extra: Any) -> dict:
-    """An `error` message; `extra` may carry `fatal` and `details`."""
+    """An `error` message; `extra` may carry `fatal` and `details`. `code` must be one of
+    ERROR_CODES: clients act on codes (fix buttons, retries), so a new one is declared first."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"undeclared error code {code!r}: add it to protocol.py's error lists")
     return message("error", job_id=job_id, code=code, message=message_, hint=hint, **extra)
 
 
