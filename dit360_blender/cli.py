@@ -8,13 +8,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import secrets
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from . import params
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from .pipeline.sampling import SamplerStep
 
 COMPONENT_FLAGS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "lora")
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_CANCELLED = 2, 1, 130
@@ -29,47 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate a 2:1 equirectangular panorama from a prompt")
-    gen.add_argument("prompt", help='what the world shows, e.g. "This is a panorama. A beach at dusk"')
+    _add_param_args(gen)
     gen.add_argument("--out", type=Path, help="PNG to write (default: <prompt-slug>_<seed>.png here)")
-    gen.add_argument(
-        "--seed", type=int, help="same seed + settings = same image on any device (default: random)"
-    )
-    gen.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
-    gen.add_argument("--guidance", type=float, default=2.8, help="embedded guidance (default 2.8)")
-    gen.add_argument(
-        "--width", type=int, default=2048, help="multiple of 16, twice the height (default 2048)"
-    )
-    gen.add_argument("--height", type=int, default=1024, help="multiple of 16 (default 1024)")
-    gen.add_argument("--lora-strength", type=float, default=1.0, help="DiT360 LoRA strength (default 1.0)")
     gen.add_argument("--no-lora", action="store_true", help="plain FLUX.1-dev, without the DiT360 LoRA")
-    gen.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, cuda:1, mps or cpu")
-    gen.add_argument(
-        "--dtype",
-        choices=("auto", "bf16", "fp16", "fp32"),
-        default="auto",
-        help="auto: bf16 on GPUs, fp32 on CPU",
-    )
-    gen.add_argument(
-        "--memory-mode",
-        choices=("auto", "resident", "fp8", "stream"),
-        default="auto",
-        help="resident: all on the GPU (~36 GB); fp8: fp8 weights, ~15 GB; stream: fits --vram-budget "
-        "(8 GiB works), streaming weights from RAM; auto: picks from the free VRAM",
-    )
-    gen.add_argument("--vram-budget", type=float, metavar="GIB", help="VRAM the stream mode may use")
-    gen.add_argument(
-        "--compile",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="torch.compile the transformer blocks (~20 s once, then faster steps; auto: CUDA with Triton)",
-    )
-    gen.add_argument("--no-hdr", action="store_true", help="write only the PNG (no .hdr lighting files)")
-    gen.add_argument(
-        "--sun-share",
-        type=float,
-        default=0.6,
-        help="the sun's share of the HDR's light, 0..0.95 (default 0.6)",
-    )
     _add_model_args(gen)
     gen.add_argument(
         "--download", action="store_true", help="download missing weights from the Hugging Face Hub (~34 GB)"
@@ -83,6 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     seam.add_argument("image", type=Path, help="an equirectangular image (PNG, JPEG, ...)")
     seam.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     return parser
+
+
+def _add_param_args(parser: argparse.ArgumentParser) -> None:
+    """One option per parameter of the table that has a `cli` flag (names, defaults, choices, help)."""
+    for p in params.for_job(params.GENERATE):
+        if p.cli is None:
+            continue
+        if p.cli == "":
+            parser.add_argument(p.name, help=p.help)
+        elif p.kind == "bool":  # a flag that turns the default off, e.g. --no-hdr
+            parser.add_argument(p.cli, dest=p.name, action="store_false", help=p.help)
+        else:
+            kind = {"int": int, "float": float}.get(p.kind, str)
+            # --seed: no default on the command line means a random one (printed)
+            default = None if p.name == "seed" else p.default
+            choices = p.choice_values if p.kind == "choice" and p.pattern is None else None
+            shown = f" (default {p.default})" if default is not None else ""
+            each = "; ".join(f"{c.value}: {c.help}" for c in p.choices if c.help)
+            text = p.help + (f" ({each})" if each else "") + shown
+            metavar = p.unit.upper() if p.unit else None
+            parser.add_argument(
+                p.cli, dest=p.name, type=kind, default=default, choices=choices, metavar=metavar, help=text
+            )
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -108,18 +97,19 @@ def main(argv: list[str] | None = None) -> int:
 # generate
 
 
-def slugify(text: str, limit: int = 48) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower().encode("ascii", "ignore").decode()).strip("-")
-    slug = re.sub(r"^this-is-a-panorama-?", "", slug)  # DiT360's prompt prefix says nothing
-    return slug[:limit].rstrip("-") or "panorama"
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline.errors import DiT360Error
+    from .pipeline.errors import BadParametersError, DiT360Error
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     try:
-        return _generate(args, seed)
+        values = params.check_values({p.name: getattr(args, p.name) for p in _cli_params()} | {"seed": seed})
+    except params.ParamError as exc:
+        _print_error(exc)
+        return EXIT_BAD_INPUT
+    try:
+        if args.out is not None and args.out.suffix.lower() != ".png":
+            raise BadParametersError(f"--out {args.out} must end in .png.", "Give a .png file name.")
+        return _generate(args, values)
     except DiT360Error as exc:
         _print_error(exc)
         return EXIT_BAD_INPUT if exc.code == "bad_parameters" else EXIT_FAILED
@@ -132,31 +122,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return EXIT_CANCELLED
 
 
-def _generate(args: argparse.Namespace, seed: int) -> int:
-    from .pipeline.dit360 import DiT360Pipeline, GenerateRequest, pick_device
-    from .pipeline.image_io import save_png
+def _cli_params() -> list[params.Param]:
+    return [p for p in params.for_job(params.GENERATE) if p.cli is not None]
+
+
+def _generate(args: argparse.Namespace, values: dict) -> int:
+    from .pipeline.dit360 import DiT360Pipeline, GenerateRequest
+    from .pipeline.make_panorama import make_panorama
     from .pipeline.model_files.download import resolve_model_paths
+    from .pipeline.output_files import plan_output
 
     request = GenerateRequest(
-        prompt=args.prompt,
-        seed=seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        width=args.width,
-        height=args.height,
-    )
-    request.validate()  # before anything is loaded or written
-    out = args.out or Path(f"{slugify(args.prompt)}_{seed}.png")
-    if not 0.0 <= args.sun_share < 1.0:
-        from .pipeline.errors import BadParametersError
-
-        raise BadParametersError(
-            f"--sun-share {args.sun_share} must be in [0, 1).", "Use 0.6, or 0 for no sun."
-        )
-    if out.suffix.lower() != ".png":
-        from .pipeline.errors import BadParametersError
-
-        raise BadParametersError(f"--out {out} must end in .png.", "Give a .png file name.")
+        prompt=values["prompt"], seed=values["seed"], steps=values["steps"], guidance=values["guidance"],
+        width=values["width"], height=values["height"],
+    )  # fmt: skip
+    out = args.out or plan_output(Path.cwd(), values["prompt"], values["seed"])
     progress = None if args.quiet else _Progress()
     paths = resolve_model_paths(
         explicit=_explicit_paths(args),
@@ -165,43 +145,27 @@ def _generate(args: argparse.Namespace, seed: int) -> int:
         progress=progress.download if progress else None,
         use_lora=not args.no_lora,
     )
-    device = pick_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("fp32" if device.type == "cpu" else "bf16")
-    _status(progress, f"loading models on {device.type} ({dtype})")
+    _status(progress, f"loading models ({values['device']}, {values['dtype']})")
     pipe = DiT360Pipeline.load(
         paths,
-        device=device,
-        dtype=dtype,
-        lora_strength=0.0 if args.no_lora else args.lora_strength,
-        memory_mode=args.memory_mode,
-        vram_budget_gib=args.vram_budget,
-        compile={"auto": "auto", "on": True, "off": False}[args.compile],
+        device=values["device"],
+        dtype=values["dtype"],
+        lora_strength=0.0 if args.no_lora else values["lora_strength"],
+        memory_mode=values["memory_mode"],
+        vram_budget_gib=values["vram_budget_gib"],
+        compile=values["compile"],
     )
-    result = pipe.generate(
-        request,
+    start = time.perf_counter()
+    made = make_panorama(
+        pipe, request, out, hdr=values["hdr"], sun_share=values["sun_share"],
         on_step=progress.step if progress else None,
         on_stage=(lambda s: _status(progress, s)) if progress else None,
-    )
-    rgb = result.to_uint8().numpy()
-    metadata = {**result.metadata, "timings": result.timings}
-    written = [out]
-    if not args.no_hdr:
-        from .panorama.analyze import analyze, write_lighting_files
-
-        analysis, hdr = analyze(rgb, sun_share=args.sun_share)
-        metadata.update(analysis)
-        written += [Path(p) for p in write_lighting_files(out, hdr).values()]
-    try:
-        save_png(out, rgb, metadata)
-    except Exception:
-        for extra in written[1:]:
-            extra.unlink(missing_ok=True)
-        raise
-    seam = metadata.get("seam", {})
+    )  # fmt: skip
+    seam = made.metadata.get("seam", {})
     summary = f", seam z {seam['seam_z']:.1f}" if "seam_z" in seam else ""
-    print(
-        f"wrote {', '.join(str(p) for p in written)} (seed {seed}, {result.timings['total_s']:.1f} s{summary})"
-    )
+    written = [str(made.path), *made.files.values()]
+    seconds = time.perf_counter() - start
+    print(f"wrote {', '.join(written)} (seed {values['seed']}, {seconds:.1f} s{summary})")
     return 0
 
 
@@ -231,7 +195,8 @@ class _Progress:
     def message(self, text: str) -> None:
         self._write(f"{text}…", final=not self.tty)
 
-    def step(self, i: int, total: int, _latents) -> None:
+    def step(self, step: SamplerStep) -> None:
+        i, total = step.index, step.total
         now = time.perf_counter()
         if self.sampling_start is None or i == 1:
             self.sampling_start = now

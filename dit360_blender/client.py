@@ -35,12 +35,12 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .launch import PACKAGE_DIR, worker_env
+from .params import defaults
 from .protocol import (
     FINAL_TYPES,
     PORT_ANNOUNCE,
@@ -56,6 +56,8 @@ from .protocol import (
     message,
 )
 from .redact import redact
+
+GENERATE_DEFAULTS = defaults()
 
 # `python -m <name>.worker` must name the package as it is on disk; inside Blender the add-on is
 # imported as `bl_ext.<repo>.dit360_blender`, a name the worker (outside Blender) knows nothing of.
@@ -87,56 +89,40 @@ class JobError(WorkerError):
     """`run()` raises this when its job ends with an `error` event (code ``cancelled`` included)."""
 
 
-@dataclass
 class Job:
-    """The parameters of one panorama (the `generate` params of the protocol, with defaults)."""
+    """The parameters of one panorama: any `generate` parameter of the table in `params.py`, by name
+    (defaults from the table), plus where the models are (`models_dir`, `model_paths`,
+    `allow_download`). Read them as attributes (`job.steps`) or `params`."""
 
-    prompt: str
-    output_dir: str | Path
-    seed: int = 0
-    steps: int = 28
-    guidance: float = 2.8
-    width: int = 2048
-    height: int = 1024
-    lora_strength: float = 1.0
-    device: str = "auto"
-    dtype: str = "bf16"
-    memory_mode: str = "auto"
-    vram_budget_gib: float | None = None
-    compile: str | bool = "auto"
-    hdr: bool = True
-    sun_share: float = 0.6
-    filename: str | None = None
-    preview_every: int = 1
-    models_dir: str | Path | None = None
-    model_paths: dict[str, str | Path] = field(default_factory=dict)
-    allow_download: bool = False
+    def __init__(
+        self,
+        *,
+        models_dir: str | Path | None = None,
+        model_paths: Mapping[str, str | Path] | None = None,
+        allow_download: bool = False,
+        **params: Any,
+    ) -> None:
+        # `models` is built from the three keywords above, not passed whole
+        unknown = sorted(name for name in params if name not in GENERATE_DEFAULTS or name == "models")
+        if unknown:
+            raise TypeError(f"Job() got unknown parameter(s): {', '.join(unknown)}")
+        self.params: dict[str, Any] = {**GENERATE_DEFAULTS, **params}
+        self.params["models"] = {
+            "models_dir": None if models_dir is None else str(models_dir),
+            "paths": {k: str(v) for k, v in (model_paths or {}).items()},
+            "allow_download": allow_download,
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["params"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     def to_params(self) -> dict:
-        return {
-            "prompt": self.prompt,
-            "output_dir": str(self.output_dir),
-            "seed": self.seed,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "width": self.width,
-            "height": self.height,
-            "lora_strength": self.lora_strength,
-            "device": self.device,
-            "dtype": self.dtype,
-            "memory_mode": self.memory_mode,
-            "vram_budget_gib": self.vram_budget_gib,
-            "compile": self.compile,
-            "hdr": self.hdr,
-            "sun_share": self.sun_share,
-            "filename": self.filename,
-            "preview_every": self.preview_every,
-            "models": {
-                "models_dir": None if self.models_dir is None else str(self.models_dir),
-                "paths": {k: str(v) for k, v in self.model_paths.items()},
-                "allow_download": self.allow_download,
-            },
-        }
+        out = dict(self.params)
+        out["output_dir"] = None if out["output_dir"] is None else str(out["output_dir"])
+        return out
 
 
 def default_log_dir() -> Path:

@@ -20,7 +20,7 @@ type       fields                           meaning
 ========== ================================ =====================================================
 hello      token, [client]                  must be the first message; a wrong token (or anything
                                             else first) gets an ``error`` and the connection closes
-generate   job_id, params                   queue a job (``params``: see ``GENERATE_DEFAULTS``)
+generate   job_id, params                   queue a job (``params``: the table in ``params.py``)
 cancel     job_id                           stop the running job between two sampling steps, or
                                             drop it from the queue
 status     –                                ask for a ``status`` reply
@@ -54,28 +54,41 @@ A job ends with exactly one ``result`` or ``error`` carrying its ``job_id``. A c
 with ``error`` code ``cancelled`` (no separate event type: one "job ended badly" path for clients);
 its ``details`` hold ``step`` (steps completed) and ``cancel_step`` (steps completed when the worker
 received the cancel), so "stopped within one step" can be checked.
+
+Child process → add-on
+~~~~~~~~~~~~~~~~~~~~~~
+The add-on's other children speak the same framing on stdout (``CHILD_MESSAGES``); any other line
+(pip's output, a traceback) is only logged. The model download child (``worker/download.py``):
+
+================== ======================== =================================================
+found              components               what is present: {component: path or null}
+download_progress  file, done, total        bytes of one repo file so far (total 0: unknown)
+downloaded         components               everything is present (exit code 0)
+error              code, message, hint      it failed (exit code 1)
+================== ======================== =================================================
+
+``vendor_setup.py --check --json``: one ``deps`` message (python, python_version, packages, device,
+device_name, missing, ok, target): what imports in the worker's Python and which device torch sees.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
+from .params import GENERATE, ParamError, check_params
+
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB per line: a 512x256 preview PNG in base64 is at most ~530 KB
 MAX_PREVIEW_WIDTH, MAX_PREVIEW_HEIGHT = 512, 256
-MAX_PROMPT_CHARS = 4000  # T5 reads 512 tokens; anything much longer is a mistake, not a prompt
 
 TOKEN_ENV = "DIT360_WORKER_TOKEN"  # the per-launch secret travels in the environment, never in argv
 PORT_ANNOUNCE = "DIT360_WORKER_PORT"  # the worker's first stdout line: "DIT360_WORKER_PORT <port>"
 
 STAGES = ("loading", "encoding", "sampling", "decoding", "saving")
-DTYPES = ("fp32", "bf16", "fp16")
-MEMORY_MODES = ("auto", "resident", "fp8", "stream")
 
 # Error codes: every code an `error` message or a client-side failure carries is declared here, and
 # `error()` refuses any other (tests/test_error_codes.py checks these lists against every code the
@@ -201,6 +214,23 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
 }
 
 FINAL_TYPES = ("result", "error")  # a job's last event is one of these (with its job_id)
+
+CHILD_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
+    "found": {"components": ((_D,), True)},
+    "download_progress": {"file": ((_S,), True), "done": ((_I,), True), "total": ((_I,), True)},
+    "downloaded": {"components": ((_D,), True)},
+    "error": {"code": ((_S,), True), "message": ((_S,), True), "hint": ((_S,), True)},
+    "deps": {
+        "python": ((_S,), True),
+        "python_version": ((_S,), True),
+        "packages": ((_D,), True),
+        "device": ((_S, _0), True),
+        "device_name": ((_S, _0), True),
+        "missing": ((_L,), True),
+        "ok": ((_B,), True),
+        "target": ((_S, _0), True),
+    },
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,166 +374,15 @@ def _kind_ok(value: Any, kind: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# generate parameters
-
-GENERATE_DEFAULTS: dict[str, Any] = {
-    "prompt": None,  # required
-    "output_dir": None,  # required, absolute: the only folder the worker writes the image into
-    "seed": 0,
-    "steps": 28,
-    "guidance": 2.8,
-    "width": 2048,
-    "height": 1024,
-    "lora_strength": 1.0,
-    "device": "auto",  # auto | cpu | cuda | cuda:N | mps
-    "dtype": "bf16",  # fp32 | bf16 | fp16
-    "memory_mode": "auto",  # auto | resident | fp8 | stream (pipeline/memory.py); auto picks by free VRAM
-    "vram_budget_gib": None,  # caps what `auto`/`stream` may use; null = the free VRAM
-    "compile": "auto",  # "auto" | true | false: regional torch.compile (auto: CUDA with Triton, not stream)
-    "hdr": True,  # also write <stem>.hdr and <stem>_lighting.hdr (panorama/hdr.py) next to the PNG
-    "sun_share": 0.6,  # the sun's share of the HDR environment's light, in [0, 1)
-    "filename": None,  # a plain file stem; default <slug-of-prompt>_<seed>
-    "preview_every": 1,  # a preview every N sampling steps; 0 = none
-    "models": None,  # {"models_dir": str|None, "paths": {component: str}, "allow_download": bool}
-}
-MODELS_DEFAULTS: dict[str, Any] = {"models_dir": None, "paths": {}, "allow_download": False}
-
-_PARAM_KINDS: dict[str, tuple[str, ...]] = {
-    "prompt": (_S,),
-    "output_dir": (_S,),
-    "seed": (_I,),
-    "steps": (_I,),
-    "guidance": (_N,),
-    "width": (_I,),
-    "height": (_I,),
-    "lora_strength": (_N,),
-    "device": (_S,),
-    "dtype": (_S,),
-    "memory_mode": (_S,),
-    "vram_budget_gib": (_N, _0),
-    "compile": (_S, _B),
-    "hdr": (_B,),
-    "sun_share": (_N,),
-    "filename": (_S, _0),
-    "preview_every": (_I,),
-    "models": (_D, _0),
-}
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
-_STEM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
-_WINDOWS_RESERVED = {
-    "con",
-    "prn",
-    "aux",
-    "nul",
-    *(f"com{i}" for i in range(1, 10)),
-    *(f"lpt{i}" for i in range(1, 10)),
-}
+# generate parameters: the table in params.py owns names, defaults and limits
 
 
 def check_generate_params(params: Mapping[str, Any]) -> dict:
-    """Type-check `generate` params and fill defaults; returns a new dict.
+    """`generate` params checked against the parameter table, defaults filled; returns a new dict.
 
-    Ranges that depend on the model (size multiple of 16, 2:1, steps) are the pipeline's
-    `GenerateRequest.validate`; this checks what both sides can check without torch.
-    Raises ProtocolError with code ``bad_parameters``.
+    Raises ProtocolError with code ``bad_parameters`` (the message and the fix from the table).
     """
-    if not isinstance(params, Mapping):
-        raise _bad("The job parameters must be an object.", "Pass a dict of parameters.")
-    unknown = sorted(set(params) - set(GENERATE_DEFAULTS))
-    if unknown:
-        raise _bad(
-            f"Unknown parameter(s): {', '.join(map(str, unknown))}.",
-            f"Known: {', '.join(GENERATE_DEFAULTS)}.",
-        )
-    out = {**GENERATE_DEFAULTS, **params}
-    for name, kinds in _PARAM_KINDS.items():
-        if out[name] is None and name in ("prompt", "output_dir"):
-            raise _bad(f"The parameter {name!r} is required.", _REQUIRED_HINTS[name])
-        if not any(_kind_ok(out[name], k) for k in kinds):
-            raise _bad(
-                f"{name} must be {' or '.join(kinds)}, got {out[name]!r:.80}.", "Fix the value's type."
-            )
-    _check_values(out)
-    out["output_dir"] = os.path.expanduser(out["output_dir"])
-    out["filename"] = _check_stem(out["filename"])
-    out["models"] = _check_models(out["models"])
-    return out
-
-
-_REQUIRED_HINTS = {
-    "prompt": 'Describe the scene, e.g. "This is a panorama. A beach at dusk".',
-    "output_dir": "Choose an output folder (an absolute path).",
-}
-
-
-def _check_values(p: dict) -> None:
-    if len(p["prompt"]) > MAX_PROMPT_CHARS:
-        raise _bad(f"The prompt has {len(p['prompt'])} characters.", f"Keep it under {MAX_PROMPT_CHARS}.")
-    if not _DEVICE_RE.match(p["device"]):
-        raise _bad(f"Unknown device {p['device']!r}.", "Choose auto, cpu, cuda or mps.")
-    if p["dtype"] not in DTYPES:
-        raise _bad(f"Unknown precision {p['dtype']!r}.", f"Choose one of {', '.join(DTYPES)}.")
-    if not 0.0 <= p["sun_share"] < 1.0:
-        raise _bad(f"sun_share must be in [0, 1), got {p['sun_share']}.", "Use 0.6, or 0 for no sun.")
-    if p["compile"] not in ("auto", True, False):
-        raise _bad(f"compile must be 'auto', true or false, got {p['compile']!r}.", "Use 'auto'.")
-    if p["memory_mode"] not in MEMORY_MODES:
-        raise _bad(f"Unknown memory mode {p['memory_mode']!r}.", f"Choose one of {', '.join(MEMORY_MODES)}.")
-    if p["vram_budget_gib"] is not None and not 0 < p["vram_budget_gib"] <= 4096:
-        raise _bad(
-            f"vram_budget_gib={p['vram_budget_gib']} is out of range.",
-            "Give the GiB of VRAM to use, or null.",
-        )
-    if p["preview_every"] < 0:
-        raise _bad("preview_every must be 0 (no previews) or more.", "Use 1 for a preview every step.")
-    if not -10.0 <= p["lora_strength"] <= 10.0:
-        raise _bad(f"lora_strength={p['lora_strength']} is out of range.", "Use 1.0 (0 turns the LoRA off).")
-    if not os.path.isabs(os.path.expanduser(p["output_dir"])):
-        raise _bad(
-            f"The output folder {p['output_dir']!r} is not an absolute path.", "Choose a full folder path."
-        )
-
-
-def _check_stem(stem: str | None) -> str | None:
-    """A user-given file name must be a plain name: no folders, no '..', nothing that escapes."""
-    if stem is None:
-        return None
-    if stem.lower().endswith(".png"):
-        stem = stem[:-4]
-    if not _STEM_RE.match(stem) or ".." in stem or stem.split(".")[0].strip().lower() in _WINDOWS_RESERVED:
-        raise _bad(
-            f"The file name {stem!r} is not allowed.",
-            "Use a plain name of letters, digits, spaces, '.', '-' or '_' (no folders); "
-            "the image always goes into the output folder.",
-        )
-    return stem
-
-
-def _check_models(models: Mapping[str, Any] | None) -> dict:
-    models = {**MODELS_DEFAULTS, **(models or {})}
-    unknown = sorted(set(models) - set(MODELS_DEFAULTS))
-    if unknown:
-        raise _bad(
-            f"Unknown models setting(s): {', '.join(map(str, unknown))}.",
-            "Use models_dir, paths, allow_download.",
-        )
-    if models["models_dir"] is not None and not isinstance(models["models_dir"], str):
-        raise _bad("models.models_dir must be a folder path or null.", "Pass a string.")
-    paths = models["paths"]
-    if not isinstance(paths, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in paths.items()
-    ):
-        raise _bad(
-            "models.paths must map component names to path strings.", 'e.g. {"transformer": "/x.safetensors"}'
-        )
-    if not isinstance(models["allow_download"], bool):
-        raise _bad("models.allow_download must be true or false.", "Pass a boolean.")
-    return {
-        "models_dir": models["models_dir"],
-        "paths": dict(paths),
-        "allow_download": models["allow_download"],
-    }
-
-
-def _bad(message_: str, hint: str) -> ProtocolError:
-    return ProtocolError("bad_parameters", message_, hint)
+    try:
+        return check_params(params, GENERATE)
+    except ParamError as exc:
+        raise ProtocolError("bad_parameters", exc.message, exc.hint) from None

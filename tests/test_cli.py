@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 from safetensors.torch import save_file
 
-from dit360_blender.cli import main, slugify
+from dit360_blender.cli import main
 from dit360_blender.pipeline.image_io import read_png_metadata
+from dit360_blender.pipeline.output_files import plan_output
 
 TINY = ["--width", "128", "--height", "64", "--steps", "3", "--quiet"]
 
@@ -89,7 +90,8 @@ def test_generate_default_name_is_slug_and_seed(tiny_models, tmp_path, monkeypat
         == 0
     )
     assert (tmp_path / "snowy-alps_5.png").is_file()
-    assert slugify("This is a panorama.") == "panorama"
+    # the CLI names its file as the worker does (one naming rule: pipeline/output_files.py)
+    assert plan_output(tmp_path / "elsewhere", "This is a panorama image. A beach", 5).name == "a-beach_5.png"
 
 
 @pytest.mark.parametrize(

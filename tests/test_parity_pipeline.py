@@ -93,7 +93,7 @@ def test_parity_pipeline_end_to_end(tiny_models, ours):
     )
     request = GenerateRequest(prompt=PROMPT, seed=1234, steps=STEPS, width=WIDTH, height=HEIGHT)
     steps_seen = []
-    result = ours.generate(request, on_step=lambda i, n, x: steps_seen.append((i, n)))
+    result = ours.generate(request, on_step=lambda s: steps_seen.append((s.index, s.total)))
     assert result.image.shape == (3, HEIGHT, WIDTH)
     err = ((result.image.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
     assert err <= 1e-4, err

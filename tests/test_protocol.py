@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dit360_blender import params
 from dit360_blender import protocol as P
 from dit360_blender.protocol import FrameDecoder, ProtocolError
 
@@ -123,7 +124,7 @@ def test_oversized_complete_line_in_one_chunk():
 
 def test_params_defaults_and_normalisation():
     p = P.check_generate_params(_params(filename="my pano.png"))
-    assert p["steps"] == 28 and p["guidance"] == 2.8 and p["width"] == 2048 and p["dtype"] == "bf16"
+    assert p["steps"] == 28 and p["guidance"] == 2.8 and p["width"] == 2048 and p["dtype"] == "auto"
     assert p["filename"] == "my pano"
     assert p["models"] == {"models_dir": None, "paths": {}, "allow_download": False}
     assert p["memory_mode"] == "auto" and p["preview_every"] == 1
@@ -156,7 +157,7 @@ def test_params_defaults_and_normalisation():
         {"models": {"allow_download": "yes"}},
         {"models": {"token": "x"}},
         {"hf_token": "x"},
-        {"prompt": "x" * (P.MAX_PROMPT_CHARS + 1)},
+        {"prompt": "x" * (params.MAX_PROMPT_CHARS + 1)},
     ],
 )
 def test_params_refused(over):
@@ -173,15 +174,15 @@ def test_params_not_a_mapping():
 # -- the Blender side stays standard-library only ----------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["protocol.py", "client.py"])
+@pytest.mark.parametrize("module", ["protocol.py", "client.py", "params.py"])
 def test_blender_side_modules_import_only_the_standard_library(module):
     tree = ast.parse((ROOT / "dit360_blender" / module).read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: only the leaf version module and the protocol
-                assert node.module in ("_version", "launch", "protocol", "redact"), node.module
+            if node.level:  # relative: only the leaf modules (version, parameter table) and the protocol
+                assert node.module in ("_version", "launch", "params", "protocol", "redact"), node.module
                 continue
             names = [node.module]
         else:
@@ -204,4 +205,4 @@ def test_protocol_doc_lists_every_message_type():
     doc = P.__doc__
     for name in [*P.CLIENT_MESSAGES, *P.WORKER_MESSAGES]:
         assert f"\n{name} " in doc, name
-    assert json.loads(json.dumps(P.GENERATE_DEFAULTS))  # defaults are plain JSON
+    assert json.loads(json.dumps(params.defaults()))  # defaults are plain JSON

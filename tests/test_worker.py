@@ -16,6 +16,7 @@ from PIL import Image
 
 from dit360_blender.client import Job, JobError, WorkerClient
 from dit360_blender.pipeline.image_io import read_png_metadata
+from dit360_blender.protocol import ProtocolError
 
 HF_SECRET = "hf_TESTsecretTOKEN0123456789abcdefXYZ"
 PROMPT = "This is a panorama. A quiet harbour at dawn, boats, mist over the water."
@@ -192,10 +193,15 @@ def test_cancel_a_queued_job_removes_it(client, job):
 
 
 def test_bad_parameters_are_refused_and_the_worker_keeps_serving(client, job):
-    err, _ = run_error(client, job(width=100, height=50))
+    # the parameter table is checked before anything is sent (the worker checks again on arrival:
+    # tests/test_worker_protocol.py sends bad params past the client)
+    with pytest.raises(ProtocolError) as info:
+        client.submit(job(width=100, height=50))
+    err = info.value
     assert err.code == "bad_parameters" and "multiple of 16" in err.message and err.hint
-    err, _ = run_error(client, job(width=256, height=256))
-    assert err.code == "bad_parameters" and "2:1" in err.message
+    with pytest.raises(ProtocolError) as info:
+        client.submit(job(width=256, height=256))
+    assert info.value.code == "bad_parameters" and "2:1" in info.value.message
     result, _ = run(client, job(steps=1))
     assert result["type"] == "result"
 

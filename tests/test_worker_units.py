@@ -10,16 +10,22 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dit360_blender.pipeline.dit360 import Cancelled
 from dit360_blender.pipeline.errors import BadParametersError, OutputWriteError, WeightsMissingError
-from dit360_blender.protocol import MAX_PREVIEW_HEIGHT, MAX_PREVIEW_WIDTH, check_generate_params
+from dit360_blender.pipeline.output_files import ensure_writable, plan_output, slugify
+from dit360_blender.protocol import (
+    MAX_PREVIEW_HEIGHT,
+    MAX_PREVIEW_WIDTH,
+    ProtocolError,
+    check_generate_params,
+)
 from dit360_blender.worker.jobqueue import JobQueue, QueuedJob
 from dit360_blender.worker.jobs import JobRunner, classify
-from dit360_blender.worker.outputs import ensure_writable, plan_output, slugify
 from dit360_blender.worker.parent import parent_watch
 from dit360_blender.worker.preview import PreviewRenderer, fit_latent_rgb
 
@@ -148,7 +154,11 @@ def test_runner_reports_and_decides_whether_to_keep_serving(tmp_path, exc, code,
 def test_runner_refuses_bad_parameters_before_loading(tmp_path):
     sent = []
     runner = JobRunner(sent.append, None)  # a cache access would fail: it must not happen
-    assert runner.run(_job(tmp_path, width=100, height=50)) is True
+    with pytest.raises(ProtocolError):  # refused on arrival ...
+        _job(tmp_path, width=100, height=50)
+    job = _job(tmp_path)
+    job.params.update(width=100, height=50)  # ... and by the runner, should one get past that
+    assert runner.run(job) is True
     assert sent[-1]["code"] == "bad_parameters"
 
 
@@ -204,25 +214,69 @@ def test_fit_latent_rgb_shapes(tiny_paths):
     assert torch.isfinite(weights).all() and weights.abs().sum() > 0
 
 
-def test_preview_is_small_and_ends_on_the_final_latents():
+def test_preview_is_small():
     weights, bias = torch.randn(16, 3) * 0.1, torch.zeros(3)
-    width, height, steps = 8192, 4096, 2
-    renderer = PreviewRenderer((weights, bias), seed=1, steps=steps, width=width, height=height)
+    width, height = 8192, 4096
+    renderer = PreviewRenderer((weights, bias), width=width, height=height)
     tokens = (height // 16) * (width // 16 + 2)
-    x = torch.randn(1, tokens, 64)
-    png, w, h = renderer.render(steps, x)  # sigma 0: the x0 estimate is x itself
+    png, w, h = renderer.render(torch.randn(1, tokens, 64))
     assert (w, h) == (MAX_PREVIEW_WIDTH, MAX_PREVIEW_HEIGHT)
     with Image.open(io.BytesIO(png)) as im:
         assert im.size == (w, h) and im.mode == "RGB"
     assert len(base64.b64encode(png)) < 1 << 20
 
 
-def test_preview_x0_estimate_is_exact_for_a_constant_velocity():
-    """If the model's velocity were constant, x0 = x_i - sigma_i * v exactly: check the bookkeeping."""
-    weights, bias = torch.eye(16, 3), torch.zeros(3)
-    renderer = PreviewRenderer((weights, bias), seed=3, steps=4, width=128, height=64)
-    x0_true = torch.zeros_like(renderer._prev)
-    v = renderer._prev - x0_true  # flow matching: x_t = x0 + t * (noise - x0)
-    x1 = renderer._prev + (renderer._sigmas[1] - renderer._sigmas[0]) * v
-    est = renderer._x0_estimate(1, x1, renderer._prev)
-    assert torch.allclose(est, x0_true, atol=1e-5)
+class _LinearVelocity(torch.nn.Module):
+    """A stand-in transformer whose velocity is a fixed linear map of the state plus a bias."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.a = torch.randn(dim, dim, generator=g, dtype=torch.float64) * 0.2
+        self.b = torch.randn(dim, generator=g, dtype=torch.float64)
+
+    def forward(self, img, **_):
+        return (img.double() @ self.a + self.b).float()
+
+
+def test_sampler_hands_over_x0_equal_to_a_float64_recomputation():
+    """x0 = x_t - t * v at every step, recomputed here in float64 with the same Euler updates."""
+    from dit360_blender.pipeline.sampling import denoise, get_sigmas
+
+    model = _LinearVelocity()
+    x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(2))
+    sigmas = get_sigmas(5, 12)
+    seen = []
+    final = denoise(
+        model, x, torch.zeros(1, 12, 3), torch.zeros(1, 4, 8), torch.zeros(1, 4, 3), torch.zeros(1, 8),
+        sigmas, 2.8, on_step=seen.append,
+    )  # fmt: skip
+    ref, expected = x.double(), []
+    for i in range(5):
+        t, t_next = float(sigmas[i]), float(sigmas[i + 1])
+        v = ref @ model.a + model.b
+        expected.append(ref - t * v)
+        ref = ref + (t_next - t) * v
+    assert [s.index for s in seen] == [1, 2, 3, 4, 5] and all(s.total == 5 for s in seen)
+    for step, want in zip(seen, expected):
+        assert torch.allclose(step.x0.double(), want, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(seen[-1].x0, final, atol=1e-5)  # at t = 0 the estimate is the result
+    assert not torch.allclose(seen[0].x0, final, atol=1e-2)  # ... and earlier ones are not trivially it
+
+
+def test_preview_pixels_are_the_projected_latents():
+    """The preview of a token state equals an independent numpy projection of its unpadded latents."""
+    g = torch.Generator().manual_seed(9)
+    weights, bias = torch.randn(16, 3, generator=g) * 0.3, torch.randn(3, generator=g) * 0.1
+    width, height = 128, 64
+    grid_h, grid_w = height // 16, width // 16
+    tokens = torch.randn(1, grid_h * (grid_w + 2), 64, generator=g)
+    png, w, h = PreviewRenderer((weights, bias), width=width, height=height).render(tokens)
+    with Image.open(io.BytesIO(png)) as im:
+        got = np.asarray(im.convert("RGB")).astype(np.float64)
+    t = tokens[0].double().numpy().reshape(grid_h, grid_w + 2, 16, 2, 2)[:, 1:-1]  # drop the wrap columns
+    latents = t.transpose(2, 0, 3, 1, 4).reshape(16, grid_h * 2, grid_w * 2)  # c, (h ph), (w pw)
+    rgb = np.einsum("chw,ck->hwk", latents, weights.double().numpy()) + bias.double().numpy()
+    want = np.clip((rgb + 1) / 2, 0, 1) * 255
+    assert (w, h) == (grid_w * 2, grid_h * 2)
+    assert np.abs(got - want).max() <= 0.5 + 1e-6

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..params import ParamError, check_values
 from .errors import BadParametersError, DeviceError
 from .flux_checkpoint import infer_params, load_flux_transformer, read_shapes
 from .flux_layers import set_attention_backend
@@ -56,39 +57,16 @@ class GenerateRequest:
     width: int = 2048
     height: int = 1024
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Refuse bad requests before anything is loaded or written."""
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise BadParametersError(
-                "The prompt is empty.", 'Describe the scene, e.g. "This is a panorama. A beach at dusk".'
-            )
-        if not isinstance(self.steps, int) or self.steps <= 0:
-            raise BadParametersError(
-                f"steps must be a positive whole number, got {self.steps!r}.", "Use 28 (DiT360's default)."
-            )
-        if self.steps > 1000:
-            raise BadParametersError(
-                f"steps={self.steps} is far beyond useful.", "Use 20-50 steps (28 is DiT360's default)."
-            )
-        if not 0.0 <= float(self.guidance) <= 100.0:
-            raise BadParametersError(
-                f"guidance must be between 0 and 100, got {self.guidance}.", "Use 2.8 (DiT360's default)."
-            )
-        if not 0 <= int(self.seed) < 2**63:
-            raise BadParametersError(
-                f"seed must be between 0 and 2^63-1, got {self.seed}.", "Use any non-negative number."
-            )
-        for name, value in (("width", self.width), ("height", self.height)):
-            if not isinstance(value, int) or value < TOKEN_SIZE * 2 or value % TOKEN_SIZE:
-                raise BadParametersError(
-                    f"{name}={value!r} must be a multiple of {TOKEN_SIZE} pixels (at least {TOKEN_SIZE * 2}).",
-                    "Use 2048x1024, DiT360's training size (or 1024x512 for quick previews).",
-                )
-        if self.width != 2 * self.height:
-            raise BadParametersError(
-                f"{self.width}x{self.height} is not 2:1; an equirectangular panorama is twice as wide as tall.",
-                f"Use width = 2 x height, e.g. {2 * self.height}x{self.height} or 2048x1024.",
-            )
+        """Refuse bad requests before anything is loaded or written (the limits are the
+        parameter table's, `dit360_blender/params.py`); a request checks itself when made."""
+        try:
+            check_values(asdict(self))
+        except ParamError as exc:
+            raise BadParametersError(exc.message, exc.hint) from None
 
 
 @dataclass
@@ -153,13 +131,13 @@ class DiT360Pipeline:
         cls,
         paths: ModelPaths,
         device: str | torch.device = "auto",
-        dtype: str | torch.dtype = "bf16",
+        dtype: str | torch.dtype = "auto",
         lora_strength: float = 1.0,
         axes_dim: list[int] | None = None,
         memory_mode: str = "resident",
         vram_budget_gib: float | None = None,
         attention: str = "auto",
-        compile: bool | str = False,
+        compile: bool | str = False,  # True/"on", False/"off" or "auto"
         vae_wrap: bool = True,
     ) -> DiT360Pipeline:
         """Load the text encoders, the transformer with the LoRA merged, and the VAE.
@@ -172,7 +150,8 @@ class DiT360Pipeline:
         `vae_wrap` decodes with horizontal wrap-around (off reproduces the reference pipeline).
         """
         device = pick_device(device) if isinstance(device, str) else device
-        dtype = _dtype(dtype)
+        dtype = resolve_dtype(dtype, device)
+        compile = {"on": True, "off": False}.get(compile, compile)  # type: ignore[call-overload]
         plan = plan_memory(memory_mode, device, vram_budget_gib)
         set_attention_backend(attention, device)
         text_device = "cpu" if plan.stream_text_encoder else device
@@ -246,7 +225,6 @@ class DiT360Pipeline:
 
         `latents` overrides the seeded noise (1, 16, H/8, W/8), for comparisons with references.
         """
-        request.validate()
         stage = on_stage or (lambda name: None)
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -351,9 +329,12 @@ def _place_for_streaming(
     return streamers
 
 
-def _dtype(value: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(value: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """A precision name (or 'auto': bf16 on GPUs, fp32 on the CPU) as a torch dtype."""
     if isinstance(value, torch.dtype):
         return value
+    if value == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
     if value not in DTYPES:
         raise BadParametersError(f"Unknown precision {value!r}.", f"Choose one of {', '.join(DTYPES)}.")
     return DTYPES[value]

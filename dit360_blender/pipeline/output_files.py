@@ -1,4 +1,4 @@
-"""Where the worker writes: one PNG inside the job's output folder, never anywhere else."""
+"""Where a panorama is written: one PNG inside the chosen output folder, never anywhere else."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
-from ..pipeline.errors import BadParametersError, OutputWriteError
+from .errors import BadParametersError, OutputWriteError
 
 SLUG_MAX = 48
 # DiT360's prompts conventionally start with this phrase; it says nothing about the picture.

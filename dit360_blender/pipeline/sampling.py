@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,7 +22,21 @@ LATENT_CHANNELS = 16
 VAE_DOWNSCALE = 8
 PATCH = 2
 
-StepCallback = Callable[[int, int, Tensor], None]
+
+
+@dataclass(frozen=True)
+class SamplerStep:
+    """What `denoise` hands to `on_step` after step `index` (1-based) of `total`, in the padded token
+    layout: `latents`, the state now, and `x0`, the model's estimate of the final latents
+    (x0 = x_t - t * v for the velocity v the model predicted at noise level t): what a preview shows."""
+
+    index: int
+    total: int
+    latents: Tensor
+    x0: Tensor
+
+
+StepCallback = Callable[[SamplerStep], None]
 
 
 class Cancelled(Exception):
@@ -116,8 +131,8 @@ def denoise(
     (The diffusers reference keeps the state in the model dtype between steps; in fp32 the two
     are identical, in half precision ours accumulates less rounding.)
 
-    `should_cancel()` is checked before every step (raising `Cancelled`), `on_step(i, n, x)`
-    is called after step i (1-based) with the current latents.
+    `should_cancel()` is checked before every step (raising `Cancelled`); `on_step` gets a
+    `SamplerStep` after every step.
     """
     x = img.float()
     guidance_vec = torch.full((x.shape[0],), guidance, device=x.device, dtype=torch.float32)
@@ -137,7 +152,10 @@ def denoise(
                 y=vec.to(dtype),
                 guidance=guidance_vec,
             )
-        x = x + (t_next - t_curr) * pred.float()
+        velocity = pred.float()
         if on_step is not None:
-            on_step(i + 1, total, x)
+            x0 = x - t_curr * velocity
+        x = x + (t_next - t_curr) * velocity
+        if on_step is not None:
+            on_step(SamplerStep(i + 1, total, x, x0))
     return x

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .._version import __version__
-from ..panorama.analyze import analyze, write_lighting_files
 from ..pipeline.dit360 import Cancelled, DiT360Pipeline, GenerateRequest, pick_device
 from ..pipeline.errors import DiT360Error
-from ..pipeline.image_io import save_png
+from ..pipeline.make_panorama import make_panorama
 from ..pipeline.model_files.download import resolve_model_paths
+from ..pipeline.output_files import ensure_writable, plan_output
+from ..pipeline.sampling import SamplerStep
 from ..protocol import error, message
 from .jobqueue import QueuedJob
-from .outputs import ensure_writable, plan_output
 from .preview import PreviewRenderer, encode_preview, fit_latent_rgb
 
 logger = logging.getLogger(__name__)
@@ -136,12 +135,11 @@ class JobRunner:
         return not fatal
 
     def _execute(self, job: QueuedJob) -> None:
-        p = job.params
+        p = job.params  # checked against the parameter table when the job arrived
         request = GenerateRequest(
             prompt=p["prompt"], seed=p["seed"], steps=p["steps"], guidance=float(p["guidance"]),
             width=p["width"], height=p["height"],
         )  # fmt: skip
-        request.validate()
         out = plan_output(p["output_dir"], p["prompt"], p["seed"], p["filename"])
         ensure_writable(out.parent)  # fail before minutes of loading and sampling, not after
         timings = {"queued_s": job.started - job.submitted}
@@ -150,36 +148,19 @@ class JobRunner:
         timings["load_s"] = time.monotonic() - t0
         if job.cancel.is_set():
             raise Cancelled()
-        on_step = self._step_cb(job, self._previews(job))
-        generation = pipe.generate(
-            request, on_step=on_step, should_cancel=job.cancel.is_set, on_stage=lambda s: self._stage(job, s)
-        )
-        self._stage(job, "saving")
-        t0 = time.monotonic()
-        rgb = generation.to_uint8().numpy()
-        metadata = {**generation.metadata, "package_version": __version__}
-        hdr = None
-        if p["hdr"]:
-            analysis, hdr = analyze(rgb, sun_share=float(p["sun_share"]))
-            metadata.update(analysis)
-        files = write_lighting_files(out, hdr) if hdr is not None else {}
-        try:
-            path = save_png(out, rgb, metadata)
-        except Exception:
-            for leftover in files.values():  # no half-written set of files
-                Path(leftover).unlink(missing_ok=True)
-            raise
-        timings.update(
-            {k: v for k, v in generation.timings.items() if k != "total_s"},
-            save_s=time.monotonic() - t0,
-            total_s=time.monotonic() - job.started,
-        )
+        made = make_panorama(
+            pipe, request, out, hdr=p["hdr"], sun_share=float(p["sun_share"]),
+            on_step=self._step_cb(job, self._previews(job)), should_cancel=job.cancel.is_set,
+            on_stage=lambda s: self._stage(job, s),
+        )  # fmt: skip
+        timings.update(made.timings, total_s=time.monotonic() - job.started)
         self._tail_s = timings.get("decode_s", 0.0) + timings["save_s"]
-        logger.info("job %s done in %.2f s: %s", job.job_id, timings["total_s"], path.name)
+        logger.info("job %s done in %.2f s: %s", job.job_id, timings["total_s"], made.path.name)
         self.send(
             message(
-                "result", job_id=job.job_id, path=str(path), width=request.width, height=request.height,
-                metadata=metadata, timings=timings, model_cached=cached, files=files,
+                "result", job_id=job.job_id, path=str(made.path), width=request.width,
+                height=request.height, metadata=made.metadata, timings=timings, model_cached=cached,
+                files=made.files,
             )
         )  # fmt: skip
 
@@ -203,14 +184,12 @@ class JobRunner:
     def _step_cb(self, job: QueuedJob, previews: PreviewRenderer | None) -> Callable:
         every = job.params["preview_every"]
 
-        def on_step(i: int, total: int, x: torch.Tensor) -> None:
-            job.step = i
-            per_step = (time.monotonic() - job.sampling_started) / i
-            self._progress(job, "sampling", eta=per_step * (total - i) + self._tail_s)
-            if previews is not None:
-                if i % every == 0 or i == total:
-                    self._send_preview(job, previews, i, total, x)
-                previews.observe(i, x)
+        def on_step(step: SamplerStep) -> None:
+            job.step = step.index
+            per_step = (time.monotonic() - job.sampling_started) / step.index
+            self._progress(job, "sampling", eta=per_step * (step.total - step.index) + self._tail_s)
+            if previews is not None and (step.index % every == 0 or step.index == step.total):
+                self._send_preview(job, previews, step)
 
         return on_step
 
@@ -219,24 +198,22 @@ class JobRunner:
         if p["preview_every"] <= 0:
             return None
         try:
-            return PreviewRenderer(self.cache.projection(), p["seed"], p["steps"], p["width"], p["height"])
+            return PreviewRenderer(self.cache.projection(), p["width"], p["height"])
         except Exception:  # a preview must never fail the job
             logger.warning(
                 "previews are off for job %s: the projection could not be set up", job.job_id, exc_info=True
             )
             return None
 
-    def _send_preview(
-        self, job: QueuedJob, previews: PreviewRenderer, i: int, total: int, x: torch.Tensor
-    ) -> None:
+    def _send_preview(self, job: QueuedJob, previews: PreviewRenderer, step: SamplerStep) -> None:
         try:
-            png, width, height = previews.render(i, x)
+            png, width, height = previews.render(step.x0)
         except Exception:
-            logger.warning("preview at step %d failed", i, exc_info=True)
+            logger.warning("preview at step %d failed", step.index, exc_info=True)
             return
         self.send(
             message(
-                "preview", job_id=job.job_id, step=i, total=total, width=width, height=height,
+                "preview", job_id=job.job_id, step=step.index, total=step.total, width=width, height=height,
                 mime="image/png", data=encode_preview(png),
             )
         )  # fmt: skip

@@ -1,8 +1,8 @@
 """Cheap previews while sampling: a linear latent → RGB projection, no VAE decode per preview.
 
-What is shown: the model's current estimate of the final latents, x0 ≈ x_i - σ_i·v, where the
-velocity v is recovered from two consecutive Euler states (v = (x_i - x_{i-1}) / (σ_i - σ_{i-1})),
-so no extra model call is made. Early previews therefore show the composition rather than noise.
+What is shown: the model's current estimate of the final latents, x0 = x_t - t·v, which the
+sampler hands over with every step (`pipeline.sampling.SamplerStep.x0`), so no extra model call is
+made. Early previews therefore show the composition rather than noise.
 
 The projection: 16×3 weights + an RGB bias, fixed per loaded model and fitted once (on the first
 preview) by least squares on how *that* model's VAE decodes flat latent fields: 32 random
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..pipeline.sampling import LATENT_CHANNELS, crop_pad, get_noise, get_sigmas, pack, unpack, wrap_pad
+from ..pipeline.sampling import LATENT_CHANNELS, crop_pad, unpack
 from ..protocol import MAX_PREVIEW_HEIGHT, MAX_PREVIEW_WIDTH
 
 FIT_SAMPLES, FIT_TILE, FIT_BATCH = 32, 4, 32
@@ -47,34 +47,20 @@ def fit_latent_rgb(vae: torch.nn.Module, samples: int = FIT_SAMPLES, seed: int =
 
 
 class PreviewRenderer:
-    """Turns the sampler's padded token states into small PNGs for one job."""
+    """Turns the sampler's x0 estimates (padded token layout) into small PNGs for one job."""
 
-    def __init__(self, projection: tuple[Tensor, Tensor], seed: int, steps: int, width: int, height: int):
+    def __init__(self, projection: tuple[Tensor, Tensor], width: int, height: int):
         self.weights, self.bias = projection
         self.grid_h, self.grid_w = height // 16, width // 16
-        noise = get_noise(seed, height, width)  # the state before step 1, as the pipeline draws it
-        self._prev = wrap_pad(pack(noise), self.grid_h, self.grid_w)
-        self._sigmas = get_sigmas(steps, self._prev.shape[1])
 
-    def observe(self, step: int, x: Tensor) -> None:
-        """Remember the state after `step` (a reference, not a copy: the sampler never mutates it)."""
-        self._prev = x
-
-    def render(self, step: int, x: Tensor) -> tuple[bytes, int, int]:
-        """PNG bytes, width, height of the x0 estimate after `step` (1-based). Call before observe()."""
-        x0 = self._x0_estimate(step, x.detach().float().cpu(), self._prev.float().cpu())
+    def render(self, x0: Tensor) -> tuple[bytes, int, int]:
+        """PNG bytes, width, height of the projected x0 estimate (1, tokens, 64)."""
+        x0 = x0.detach().float().cpu()
         latents = unpack(crop_pad(x0, self.grid_h, self.grid_w), self.grid_h, self.grid_w)[0]
         rgb = torch.einsum("chw,ck->khw", latents, self.weights) + self.bias[:, None, None]
         rgb = _fit_size(((rgb + 1) / 2).clamp(0, 1))
         pixels = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         return _png(pixels), pixels.shape[1], pixels.shape[0]
-
-    def _x0_estimate(self, step: int, x: Tensor, prev: Tensor) -> Tensor:
-        s_now, s_prev = self._sigmas[step].item(), self._sigmas[step - 1].item()
-        if s_now == 0.0 or s_now == s_prev:
-            return x
-        velocity = (x - prev) / (s_now - s_prev)
-        return x - s_now * velocity
 
 
 def encode_preview(png: bytes) -> str:

@@ -1,0 +1,66 @@
+"""One "make a panorama" step, shared by the worker and the CLI: generate, analyse, write the files.
+
+Every panorama is written the same way, whoever asked for it: the PNG with the generation
+settings, the seam scores and the lighting analysis in its metadata, and (with `hdr`) the HDR
+environments `<stem>.hdr` and `<stem>_lighting.hdr` beside it. Nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._version import __version__
+from ..panorama.analyze import analyze, write_lighting_files
+from .dit360 import DiT360Pipeline, GenerateRequest
+from .image_io import save_png
+from .sampling import StepCallback
+
+
+@dataclass
+class Panorama:
+    """What one job wrote: the PNG, the HDR files beside it ({"hdr": …, "lighting": …}, empty
+    without HDR), the metadata stored in the PNG, and the time each stage took (seconds)."""
+
+    path: Path
+    files: dict[str, str]
+    metadata: dict
+    timings: dict[str, float]
+
+
+def make_panorama(
+    pipe: DiT360Pipeline,
+    request: GenerateRequest,
+    out: Path,
+    *,
+    hdr: bool = True,
+    sun_share: float = 0.6,
+    on_step: StepCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> Panorama:
+    """Generate `request` with `pipe` and write it to `out` (a .png path) with its HDR files.
+
+    Raises the pipeline's errors, `Cancelled`, or OSError when the files cannot be written."""
+    generation = pipe.generate(request, on_step=on_step, should_cancel=should_cancel, on_stage=on_stage)
+    if on_stage is not None:
+        on_stage("saving")
+    t0 = time.perf_counter()
+    rgb = generation.to_uint8().numpy()
+    metadata = {**generation.metadata, "package_version": __version__}
+    files: dict[str, str] = {}
+    if hdr:
+        analysis, hdr_result = analyze(rgb, sun_share=sun_share)
+        metadata.update(analysis)
+        files = write_lighting_files(out, hdr_result)
+    try:
+        path = save_png(out, rgb, metadata)
+    except Exception:
+        for leftover in files.values():  # no half-written set of files
+            Path(leftover).unlink(missing_ok=True)
+        raise
+    timings = {k: v for k, v in generation.timings.items() if k != "total_s"}
+    timings["save_s"] = time.perf_counter() - t0
+    return Panorama(path=path, files=files, metadata=metadata, timings=timings)
