@@ -137,13 +137,10 @@ def test_result_dict_is_json_ready():
     assert {"sun_share", "exposure", "upward_irradiance", "sun_irradiance_rgb", "settings"} <= set(d)
 
 
-def test_full_size_is_fast_enough():
-    import time
-
+def test_full_size_works():  # timings never decide a test (about 0.6 s here)
     image = sun_panorama(30.0, 40.0, height=1024, width=2048)
-    start = time.perf_counter()
-    expand_to_hdr(image)
-    assert time.perf_counter() - start < 4.0  # about 0.6 s here
+    result = expand_to_hdr(image)
+    assert result.to_dict()["sun"]["found"]
 
 
 # --- Radiance .hdr ---------------------------------------------------------------------------

@@ -131,13 +131,9 @@ def test_pole_detail_ratio_means_what_it_says():
     assert pole_detail(encode(pinched))["ratio"] > 2.0
 
 
-def test_full_size_is_fast_enough():
-    import time
-
+def test_full_size_works():  # timings never decide a test (about 0.4 s here)
     big = np.tile(encode(natural_texture(H, W, 0)), (4, 4, 1))  # 2048x1024, still seamless
-    start = time.perf_counter()
     assert seam_score(big).seam_ok
-    assert time.perf_counter() - start < 3.0  # about 0.4 s here
 
 
 # --- the command line -----------------------------------------------------------------------

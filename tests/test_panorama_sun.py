@@ -142,13 +142,9 @@ def test_criteria_are_parameters():
     assert not detect_sun(image, SunParams(min_elevation_deg=45.0)).found
 
 
-def test_detection_is_json_ready_and_fast():
-    import time
-
+def test_detection_is_json_ready_at_full_size():  # timings never decide a test (about 0.3 s here)
     image = sun_panorama(30.0, 40.0, height=1024, width=2048)
-    start = time.perf_counter()
     detection = detect_sun(image)
-    assert time.perf_counter() - start < 2.0  # about 0.3 s here
     d = detection.to_dict()
     assert json.loads(json.dumps(d)) == d
     assert d["found"] and d["sun"]["direction"] == list(detection.sun.direction)

@@ -34,7 +34,8 @@ def reference_dit360(flux_dir, lora_dir, prompt, noise, steps, guidance, width, 
         tokenizer_2=T5TokenizerFast.from_pretrained(flux_dir / "tokenizer_2"),
         transformer=FluxTransformer2DModel.from_pretrained(flux_dir / "transformer"),
     )
-    pipe.load_lora_weights(str(lora_dir), weight_name="adapter_model.safetensors")
+    if lora_dir is not None:  # None: plain FLUX.1-dev with DiT360's sampling
+        pipe.load_lora_weights(str(lora_dir), weight_name="adapter_model.safetensors")
     with torch.no_grad():
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(
             prompt=prompt, prompt_2=None, max_sequence_length=512
@@ -111,9 +112,19 @@ def test_seed_reproducible_and_seed_sensitive(ours):
     assert (a - c).abs().max() > 1e-2
 
 
-def test_lora_strength_zero_differs_from_full(tiny_paths):
-    plain = DiT360Pipeline.load(tiny_paths, device="cpu", dtype="fp32", lora_strength=0.0)
+def test_lora_strength_zero_differs_from_full(tiny_models, tiny_paths, ours):
+    plain = DiT360Pipeline.load(tiny_paths, device="cpu", dtype="fp32", lora_strength=0.0, vae_wrap=False)
     assert plain.model_info["lora"] is None
+    noise = get_noise(77, HEIGHT, WIDTH)
+    request = GenerateRequest(prompt=PROMPT, seed=77, steps=STEPS, width=WIDTH, height=HEIGHT)
+    without = plain.generate(request, latents=noise).image.double()
+    with_lora = ours.generate(request, latents=noise).image.double()
+    moved = ((with_lora - without).norm() / without.norm()).item()
+    assert moved > 1e-3, moved  # the LoRA changes the image ...
+    # ... and strength 0 is exactly the plain FLUX.1-dev run (diffusers without the adapter)
+    expected = reference_dit360(tiny_models["flux"], None, PROMPT, noise, STEPS, 2.8, WIDTH, HEIGHT).double()
+    err = ((without - expected).abs().max() / expected.abs().max()).item()
+    assert err <= 1e-4, err
 
 
 def test_wrap_decode_is_the_default_and_only_changes_the_edges(tiny_paths, ours):
