@@ -374,6 +374,61 @@ def _kind_ok(value: Any, kind: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# The analysis in a result's metadata: what the add-on reads to light the scene and fill the panel.
+# Nested dicts are objects with (at least) these fields; _V3 is a list of three numbers. The worker
+# writes more (candidates, settings); only these fields are a contract.
+
+_V3 = "vec3"
+SUN_LAMP_SCHEMA = {"direction": _V3, "rotation_euler": _V3, "color": _V3, "strength": _N, "angle": _N}
+SUN_ESTIMATE_SCHEMA = {"azimuth_deg": _N, "elevation_deg": _N, "diameter_deg": _N, "direction": _V3}
+ANALYSIS_SCHEMA: dict[str, Any] = {
+    "seam": {"seam_z": _N, "seam_ok": _B, "seam_z_offset": _N, "pole_detail_ratio": (_N, _0)},
+    "lighting": {
+        "exposure": _N,
+        "sun_share": _N,
+        "sun_irradiance_rgb": _V3,
+        "sun_lamp": (SUN_LAMP_SCHEMA, _0),
+        "sun": {"found": _B, "reason": _S, "sun": (SUN_ESTIMATE_SCHEMA, _0)},
+    },
+}
+
+
+def check_analysis(metadata: Mapping[str, Any]) -> None:
+    """Raise ProtocolError (``bad_message``) unless the metadata's ``seam`` and ``lighting`` (when
+    present: a job without HDR has neither) follow ANALYSIS_SCHEMA."""
+    for key, schema in ANALYSIS_SCHEMA.items():
+        if key in metadata:
+            _check_shape(metadata[key], schema, key)
+
+
+def _check_shape(value: Any, schema: Any, where: str) -> None:
+    alternatives = schema if isinstance(schema, tuple) else (schema,)
+    problems = []
+    for alt in alternatives:
+        try:
+            _check_one_shape(value, alt, where)
+            return
+        except ProtocolError as exc:
+            problems.append(exc.message)
+    raise ProtocolError("bad_message", problems[0], "The worker and the add-on disagree: update both.")
+
+
+def _check_one_shape(value: Any, schema: Any, where: str) -> None:
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise ProtocolError("bad_message", f"{where} must be an object, got {value!r:.60}.")
+        for name, sub in schema.items():
+            if name not in value:
+                raise ProtocolError("bad_message", f"{where}.{name} is missing.")
+            _check_shape(value[name], sub, f"{where}.{name}")
+    elif schema == _V3:
+        if not (isinstance(value, list) and len(value) == 3 and all(_kind_ok(x, _N) for x in value)):
+            raise ProtocolError("bad_message", f"{where} must be three numbers, got {value!r:.60}.")
+    elif not _kind_ok(value, schema):
+        raise ProtocolError("bad_message", f"{where} must be {schema}, got {value!r:.60}.")
+
+
+# ----------------------------------------------------------------------------------------------
 # generate parameters: the table in params.py owns names, defaults and limits
 
 

@@ -217,3 +217,28 @@ def test_hdr_files_next_to_the_png(tmp_path):
     assert luminance(full)[result.sun.mask].min() > 100 * luminance(lit)[result.sun.mask].max()
     assert not list(tmp_path.glob(".partial-*"))
     assert encode(result.hdr).shape == (H, W, 3)  # the HDR still displays as the PNG (clipped)
+
+
+def test_analysis_of_a_sunny_panorama_follows_the_protocol_schema():
+    """What crosses to Blender (sun lamp, seam, exposure) has a typed schema in the protocol;
+    a real analysis with a sun passes it, and a poisoned copy is refused."""
+    import copy
+
+    from dit360_blender.panorama.analyze import analyze
+    from dit360_blender.protocol import ProtocolError, check_analysis
+
+    image = sun_panorama(30.0, 40.0, height=128, width=256)
+    metadata, _ = analyze(image)
+    assert metadata["lighting"]["sun_lamp"] is not None
+    check_analysis(metadata)
+    for poison in (
+        lambda m: m["lighting"]["sun_lamp"].pop("strength"),
+        lambda m: m["lighting"]["sun_lamp"].__setitem__("color", [1.0, "red", 0.0]),
+        lambda m: m["lighting"].__setitem__("exposure", float("nan")),
+        lambda m: m["seam"].__setitem__("seam_ok", "yes"),
+        lambda m: m["lighting"]["sun"].__setitem__("sun", {"azimuth_deg": 1.0}),
+    ):
+        bad = copy.deepcopy(metadata)
+        poison(bad)
+        with pytest.raises(ProtocolError):
+            check_analysis(bad)

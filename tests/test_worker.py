@@ -16,7 +16,7 @@ from PIL import Image
 
 from dit360_blender.client import Job, JobError, WorkerClient
 from dit360_blender.pipeline.image_io import read_png_metadata
-from dit360_blender.protocol import ProtocolError
+from dit360_blender.protocol import ProtocolError, check_analysis
 
 HF_SECRET = "hf_TESTsecretTOKEN0123456789abcdefXYZ"
 PROMPT = "This is a panorama. A quiet harbour at dawn, boats, mist over the water."
@@ -114,6 +114,8 @@ def test_job_end_to_end_matches_the_in_process_pipeline(client, job, tiny_paths)
     meta = read_png_metadata(path)
     assert meta["prompt"] == PROMPT and meta["seed"] == 1234 and meta["steps"] == steps
     assert set(result["timings"]) >= {"load_s", "encode_s", "sample_s", "decode_s", "save_s", "total_s"}
+    check_analysis(result["metadata"])  # the analysis the add-on reads follows the protocol's schema
+    assert {"seam", "lighting"} <= set(result["metadata"]) and meta["seam"] == result["metadata"]["seam"]
 
     from dit360_blender.pipeline.dit360 import DiT360Pipeline, GenerateRequest
 
