@@ -21,11 +21,9 @@ fresh worker.
 from __future__ import annotations
 
 import atexit
-import os
 import queue
 import secrets
 import select
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,51 +36,33 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
-from .launch import PACKAGE_DIR, worker_env
+from .launch import worker_env
 from .params import defaults
 from .protocol import (
     FINAL_TYPES,
-    PORT_ANNOUNCE,
-    PROTOCOL_VERSION,
     TOKEN_ENV,
     WORKER_MESSAGES,
     FrameDecoder,
     ProtocolError,
     check_generate_params,
     decode,
-    encode,
     error,
     message,
 )
 from .redact import redact
+from .worker_process import (
+    HANDSHAKE_TIMEOUT_S,
+    READ_WAKE_S,
+    WorkerError,
+    WorkerProcess,
+    handshake,
+    spawn,
+    start_failure,
+)
 
 GENERATE_DEFAULTS = defaults()
 
-# `python -m <name>.worker` must name the package as it is on disk; inside Blender the add-on is
-# imported as `bl_ext.<repo>.dit360_blender`, a name the worker (outside Blender) knows nothing of.
-WORKER_MODULE = f"{PACKAGE_DIR.name}.worker"
-
-HANDSHAKE_TIMEOUT_S = 120.0  # a cold torch import on Windows can take tens of seconds
-READ_WAKE_S = 0.25  # the reader checks the process this often when the socket is quiet
-SEND_TIMEOUT_S = 5.0
-TAIL_LINES = 40
-
 __all__ = ["Job", "JobError", "WorkerClient", "WorkerError", "default_log_dir"]
-
-
-class WorkerError(Exception):
-    """A failure with a protocol error code, a message and the fix (`hint`)."""
-
-    def __init__(self, code: str, text: str, hint: str = "", event: dict | None = None) -> None:
-        super().__init__(f"{text}\n  fix: {hint}" if hint else text)
-        self.code, self.message, self.hint, self.event = code, text, hint, event
-
-    @classmethod
-    def from_event(cls, event: Mapping[str, Any]) -> WorkerError:
-        return cls(
-            event.get("code", "internal"), event.get("message", ""), event.get("hint", ""), dict(event)
-        )
 
 
 class JobError(WorkerError):
@@ -130,37 +110,6 @@ def default_log_dir() -> Path:
     return Path(tempfile.gettempdir()) / "dit360_blender"
 
 
-class _Worker:
-    """One worker process and its connection."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.sock: socket.socket | None = None
-        self.ready: dict = {}
-        self.stdout_tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self.stderr_tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self.port: int | None = None
-        self.port_seen = threading.Event()
-        self.closing = False
-        self.gone = threading.Event()
-        self.send_lock = threading.Lock()
-        self.drains: list[threading.Thread] = []
-        self.reader: threading.Thread | None = None
-        self.start_logs: list[str] = []  # `log` messages sent before `ready` (often the failure's cause)
-
-    def send(self, msg: dict) -> None:
-        """Raises OSError when the worker cannot be written to."""
-        data = encode(msg)
-        with self.send_lock:
-            if self.sock is None:
-                raise OSError("not connected")
-            self.sock.sendall(data)
-
-    def tail(self) -> str:
-        lines = list(self.stderr_tail) or list(self.stdout_tail)
-        return "\n".join(lines[-20:])
-
-
 class WorkerClient:
     """Owns at most one worker process; see the module docstring. Thread-safe.
 
@@ -189,13 +138,13 @@ class WorkerClient:
         self._events: queue.Queue[dict] = queue.Queue()
         self._held: deque[dict] = deque()  # events `run()` set aside for `poll()`
         self._statuses: queue.Queue[dict] = queue.Queue()
-        self._worker: _Worker | None = None
+        self._worker: WorkerProcess | None = None
         self._starter: threading.Thread | None = None
         self._start_error: WorkerError | None = None
         self._outbox: list[tuple[str, dict]] = []  # jobs waiting for a worker to start
-        self._pending: dict[str, _Worker] = {}  # jobs sent, not finished
+        self._pending: dict[str, WorkerProcess] = {}  # jobs sent, not finished
         self._generation = 0  # bumped by close(): a worker that finishes starting after it is stopped
-        self._launching: _Worker | None = None  # the process being started, so close() can kill it
+        self._launching: WorkerProcess | None = None  # the process being started, so close() can kill it
         _LIVE_CLIENTS.add(self)
 
     # -- public API ------------------------------------------------------------------------------
@@ -334,11 +283,11 @@ class WorkerClient:
             w, self._worker = self._worker, None
             launching, self._launching = self._launching, None
         if launching is not None:  # half-started: nothing to say goodbye to; its starter gives up
-            _kill(launching)
+            launching.kill()
         for job_id, _ in outbox:
             self._emit(error("cancelled", "The worker was closed before the job started.", "", job_id=job_id))
         if w is not None:
-            _stop_process(w, timeout)
+            w.stop(timeout)
             if w.reader is not None:
                 w.reader.join(3.0)  # it ends the worker's unfinished jobs: then close() is final
 
@@ -376,7 +325,7 @@ class WorkerClient:
             return
         with self._lock:
             if generation != self._generation:  # close() was called while it started
-                _stop_process(w, 1.0)
+                w.stop(1.0)
                 return
             self._worker, self._starter = w, None
             self._emit(message("ready", **w.ready))
@@ -388,74 +337,27 @@ class WorkerClient:
             for job_id, params in jobs:
                 self._send_job(w, job_id, params)
 
-    def _launch(self, generation: int) -> tuple[_Worker, FrameDecoder, list]:
+    def _launch(self, generation: int) -> tuple[WorkerProcess, FrameDecoder, list]:
         """Spawn, wait for the port, connect, hello → ready. Raises WorkerError with the stderr tail."""
         deadline = time.monotonic() + self.handshake_timeout
         token = secrets.token_urlsafe(32)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        w = self._spawn(token)
+        w = spawn(self.python, self.log_dir, self._env(token))
         with self._lock:
             self._launching = w
             if generation != self._generation:  # close() came first: do not even finish starting
-                _kill(w)
+                w.kill()
                 raise WorkerError("worker_start_failed", "The client was closed while the worker started.")
         try:
-            self._wait_port(w, deadline)
-            w.sock = socket.create_connection(("127.0.0.1", w.port), timeout=_left(deadline))
-            w.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            w.send(message("hello", token=token, client=f"dit360_blender {__version__}"))
-            decoder = FrameDecoder()
-            first, rest = self._first_reply(w, decoder, deadline)
-            w.sock.settimeout(SEND_TIMEOUT_S)
-            if first["type"] == "error":
-                raise WorkerError(first["code"], first["message"], first["hint"])
-            if first["type"] != "ready" or first.get("protocol") != PROTOCOL_VERSION:
-                raise WorkerError(
-                    "worker_start_failed", f"The worker answered {first['type']} instead of ready."
-                )
-            w.ready = {k: v for k, v in first.items() if k not in ("v", "type")}
+            decoder, rest = handshake(w, token, deadline)
             return w, decoder, rest
         except BaseException as exc:
-            _kill(w)
-            raise self._start_failure(w, exc) from None
+            w.kill()
+            raise start_failure(w, exc, self.handshake_timeout, self.log_path, self._scrub) from None
         finally:
             with self._lock:
                 if self._launching is w:
                     self._launching = None
-
-    def _spawn(self, token: str) -> _Worker:
-        # No secrets here: argv is visible to every user in process lists.
-        cmd = [
-            self.python,
-            "-m",
-            WORKER_MODULE,
-            "--log-dir",
-            str(self.log_dir),
-            "--parent-pid",
-            str(os.getpid()),
-        ]
-        kwargs: dict[str, Any] = {}
-        if sys.platform == "win32":
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        else:
-            kwargs["start_new_session"] = True  # a Ctrl-C in the terminal is for Blender, not the worker
-        try:
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=self._env(token), cwd=str(self.log_dir), **kwargs,
-            )  # fmt: skip
-        except OSError as exc:
-            raise WorkerError(
-                "worker_start_failed",
-                f"Could not run the worker's Python {self.python}: {exc.strerror or exc}.",
-                "Check the Python path in the add-on Preferences (empty = Blender's own Python).",
-            ) from None
-        w = _Worker(proc)
-        for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
-            t = threading.Thread(target=_drain, args=(w, stream, name), name=f"dit360-{name}", daemon=True)
-            w.drains.append(t)
-            t.start()
-        return w
 
     def _env(self, token: str) -> dict[str, str]:
         """The worker's environment, with the launch token: the secrets live only here."""
@@ -463,60 +365,9 @@ class WorkerClient:
         env[TOKEN_ENV] = token
         return env
 
-    def _wait_port(self, w: _Worker, deadline: float) -> None:
-        while not w.port_seen.wait(0.05):
-            if w.proc.poll() is not None:
-                raise _Died()
-            if time.monotonic() > deadline:
-                raise TimeoutError()
-
-    def _first_reply(self, w: _Worker, decoder: FrameDecoder, deadline: float) -> tuple[dict, list]:
-        assert w.sock is not None
-        while True:
-            ready, _, _ = select.select([w.sock], [], [], min(READ_WAKE_S, _left(deadline)))
-            if not ready:
-                if w.proc.poll() is not None:
-                    raise _Died()
-                if time.monotonic() > deadline:
-                    raise TimeoutError()
-                continue
-            data = w.sock.recv(65536)
-            if not data:
-                raise _Died()
-            items = decoder.feed(data)
-            while items:
-                if isinstance(items[0], ProtocolError):
-                    raise items[0]
-                first, items = decode(items[0], WORKER_MESSAGES), items[1:]
-                if first["type"] != "log":
-                    return first, items
-                w.start_logs.append(str(first.get("message", "")))
-
-    def _start_failure(self, w: _Worker, exc: BaseException) -> WorkerError:
-        if isinstance(exc, WorkerError):
-            return exc
-        for t in w.drains:  # let the drains collect the last of stderr
-            t.join(1.0)
-        code = w.proc.poll()
-        if isinstance(exc, TimeoutError):
-            what = f"The worker did not answer within {self.handshake_timeout:.0f} s."
-        elif isinstance(exc, _Died):
-            what = f"The worker process exited during start (exit code {code})."
-        else:
-            what = f"Could not connect to the worker: {type(exc).__name__}: {exc}."
-        tail = w.tail()
-        said = f"\nIt reported: {w.start_logs[-1]}" if w.start_logs else ""
-        text = what + said + (f"\nLast lines of its output:\n{tail}" if tail else "")
-        return WorkerError(
-            "worker_start_failed",
-            self._scrub(text),
-            "Install or repair the worker's packages (add-on Preferences → Install dependencies), or set "
-            f"the worker's Python there. Details are in {self.log_path}.",
-        )
-
     # -- running ---------------------------------------------------------------------------------
 
-    def _send_job(self, w: _Worker, job_id: str, params: dict) -> None:
+    def _send_job(self, w: WorkerProcess, job_id: str, params: dict) -> None:
         with self._lock:
             self._pending[job_id] = w
         try:
@@ -524,7 +375,7 @@ class WorkerClient:
         except (OSError, ProtocolError):
             self._broken(w)  # the reader reports the death, and this job with it
 
-    def _read(self, w: _Worker, decoder: FrameDecoder, items: list) -> None:
+    def _read(self, w: WorkerProcess, decoder: FrameDecoder, items: list) -> None:
         """The reader thread: frames → events; on EOF or a dead process, end the worker's jobs."""
         assert w.sock is not None
         while True:
@@ -565,12 +416,12 @@ class WorkerClient:
                 self._pending.pop(msg["job_id"], None)
         self._emit(msg)
 
-    def _on_gone(self, w: _Worker) -> None:
+    def _on_gone(self, w: WorkerProcess) -> None:
         """The worker's socket closed or its process ended: reap it and end its unfinished jobs."""
         try:
             code = w.proc.wait(timeout=1.0)
         except subprocess.TimeoutExpired:  # the socket died but the process lives: not usable
-            code = _kill(w)
+            code = w.kill()
         with self._lock:
             if self._worker is w:
                 self._worker = None
@@ -585,7 +436,7 @@ class WorkerClient:
         if not lost and not w.closing:
             self._emit(message("log", level="warning", message=f"The worker exited (exit code {code})."))
 
-    def _lost_job_event(self, w: _Worker, job_id: str, code: int | None) -> dict:
+    def _lost_job_event(self, w: WorkerProcess, job_id: str, code: int | None) -> dict:
         if w.closing:
             return error("cancelled", "The worker was closed before the job finished.", "", job_id=job_id)
         for t in w.drains:
@@ -602,7 +453,7 @@ class WorkerClient:
             job_id=job_id,
         )
 
-    def _broken(self, w: _Worker) -> None:
+    def _broken(self, w: WorkerProcess) -> None:
         """A send failed: the stream may be half-written, so this worker is finished. Killing it is
         enough: the reader thread sees it die and ends its jobs (never wait here: we may hold the lock)."""
         try:
@@ -623,59 +474,6 @@ def _start_error(exc: Exception, log_dir: Path) -> WorkerError:
         f"Could not start the worker: {type(exc).__name__}: {exc}.",
         f"Check that the log folder {log_dir} can be created and written, then try again.",
     )
-
-
-class _Died(Exception):
-    """The worker process ended (or closed the connection) during start."""
-
-
-def _left(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
-
-
-def _drain(w: _Worker, stream, name: str) -> None:
-    """Read a pipe to its end (so the worker never blocks on a full pipe), keeping the last lines."""
-    tail = w.stdout_tail if name == "stdout" else w.stderr_tail
-    for raw in iter(stream.readline, b""):
-        line = raw.decode("utf-8", "replace").rstrip()
-        if name == "stdout" and not w.port_seen.is_set() and line.startswith(PORT_ANNOUNCE + " "):
-            try:
-                w.port = int(line.split()[1])
-                w.port_seen.set()
-                continue
-            except (IndexError, ValueError):
-                pass
-        if line:
-            tail.append(line)
-    stream.close()
-
-
-def _stop_process(w: _Worker, timeout: float) -> None:
-    """`shutdown` and wait up to `timeout`; then terminate; then kill."""
-    w.closing = True
-    if w.sock is not None and w.proc.poll() is None:
-        try:
-            w.send(message("shutdown"))
-        except (OSError, ProtocolError):
-            pass
-    try:
-        w.proc.wait(timeout=timeout)
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    w.proc.terminate()  # the fallback only: shutdown is a protocol message, not a signal
-    try:
-        w.proc.wait(timeout=2.0)
-    except subprocess.TimeoutExpired:
-        _kill(w)
-
-
-def _kill(w: _Worker) -> int | None:
-    try:
-        w.proc.kill()
-        return w.proc.wait(timeout=2.0)
-    except (OSError, subprocess.TimeoutExpired):
-        return w.proc.poll()
 
 
 def _latest_previews(events: list[dict]) -> list[dict]:

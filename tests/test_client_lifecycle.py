@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dit360_blender import client as client_mod
+from dit360_blender import worker_process
 from dit360_blender.client import Job, WorkerClient, WorkerError
 from dit360_blender.protocol import TOKEN_ENV
 
@@ -177,7 +178,7 @@ def test_environment_carries_the_secrets_and_the_paths(tmp_path, monkeypatch):
     env = client._env("tok-123")
     assert env[TOKEN_ENV] == "tok-123" and env["HF_TOKEN"] == "hf_abc123"
     assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "vendor"), str(ROOT), "/somewhere/else"]
-    assert client_mod.WORKER_MODULE == "dit360_blender.worker"
+    assert worker_process.WORKER_MODULE == "dit360_blender.worker"
 
 
 def test_latest_preview_only():

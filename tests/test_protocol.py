@@ -174,15 +174,16 @@ def test_params_not_a_mapping():
 # -- the Blender side stays standard-library only ----------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["protocol.py", "client.py", "params.py"])
+@pytest.mark.parametrize("module", ["protocol.py", "client.py", "worker_process.py", "params.py"])
 def test_blender_side_modules_import_only_the_standard_library(module):
     tree = ast.parse((ROOT / "dit360_blender" / module).read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: only the leaf modules (version, parameter table) and the protocol
-                assert node.module in ("_version", "launch", "params", "protocol", "redact"), node.module
+            if node.level:  # relative: only these standard-library-only modules of the package
+                stdlib_only = ("_version", "launch", "params", "protocol", "redact", "worker_process")
+                assert node.module in stdlib_only, node.module
                 continue
             names = [node.module]
         else:
