@@ -434,8 +434,9 @@ def check_names(dev: bool, packages: list[str] | None) -> tuple[list[str], list[
     """(distributions to import, distributions only looked up in metadata) for --check."""
     if packages is not None:
         return packages, []
-    for wanted, pins in ((False, RUNTIME_PINS), (dev, DEV_TEST_PINS)):
-        if not pins:
+    # The add-on ships runtime.txt only: dev.txt is needed for --dev alone.
+    for wanted, pins in ((False, RUNTIME_PINS), (True, DEV_TEST_PINS)):
+        if not pins and (dev or not wanted):
             raise SetupError(missing_requirements(wanted))
     return list(RUNTIME_PINS), (list(DEV_TEST_PINS) if dev else [])
 
