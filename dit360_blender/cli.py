@@ -132,9 +132,10 @@ def _generate(args: argparse.Namespace, values: dict) -> int:
     from .pipeline.model_files.download import resolve_model_paths
     from .pipeline.output_files import plan_output
 
+    values = params.apply_speed(values)
     request = GenerateRequest(
         prompt=values["prompt"], seed=values["seed"], steps=values["steps"], guidance=values["guidance"],
-        width=values["width"], height=values["height"],
+        width=values["width"], height=values["height"], step_cache=values["step_cache"],
     )  # fmt: skip
     out = args.out or plan_output(Path.cwd(), values["prompt"], values["seed"])
     progress = None if args.quiet else _Progress()

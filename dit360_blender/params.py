@@ -128,6 +128,23 @@ PARAMS: tuple[Param, ...] = (
         minimum=0.0, maximum=0.95, cli="--sun-share", blender="scene",
     ),
     Param(
+        "step_cache", "float", 0.0, "Step Cache",
+        "Skip the transformer's later blocks on steps where its first block changes less than this "
+        "(relative; First-Block Cache): faster, slightly different images; 0 = off, 0.05-0.15 typical",
+        minimum=0.0, maximum=1.0, cli="--step-cache",
+    ),
+    Param(
+        "speed", "choice", "faithful", "Speed",
+        "Faithful: DiT360 as published; Fast: fp8 transformer (where the memory mode is Auto); "
+        "Fastest: Fast plus the step cache (threshold 0.1 unless set)",
+        choices=_choices(
+            ("faithful", "Faithful", "DiT360 as published (bf16/fp16 when the card has room)"),
+            ("fast", "Fast", "fp8 transformer weights and matmuls; the image differs slightly"),
+            ("fastest", "Fastest", "Fast plus the step cache: about half the transformer evaluations"),
+        ),
+        cli="--speed", blender="scene",
+    ),
+    Param(
         "hdr", "bool", True, "HDR Files",
         "Also write <name>.hdr and <name>_lighting.hdr (the sun clamped) beside the PNG",
         cli="--no-hdr",
@@ -195,6 +212,23 @@ BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 MODELS_DEFAULTS: dict[str, Any] = {"models_dir": None, "paths": {}, "allow_download": False}
 _STEM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}  # fmt: skip
+
+
+SPEED_PRESETS: dict[str, dict[str, Any]] = {
+    "faithful": {},
+    "fast": {"memory_mode": "fp8"},
+    "fastest": {"memory_mode": "fp8", "step_cache": 0.1},
+}
+
+
+def apply_speed(values: Mapping[str, Any]) -> dict:
+    """The values with the `speed` preset applied where the user kept the default (memory mode
+    'auto', step cache 0): an explicit memory mode or threshold always wins."""
+    out = dict(values)
+    for name, value in SPEED_PRESETS[out.get("speed", "faithful")].items():
+        if out.get(name) == BY_NAME[name].default:
+            out[name] = value
+    return out
 
 
 def for_job(job: str = GENERATE) -> tuple[Param, ...]:

@@ -34,6 +34,7 @@ from .sampling import (
     wrap_pad,
     wrap_pad_ids,
 )
+from .step_cache import StepCache
 from .streaming import BlockStreamer, module_bytes, move_except, spread_indices
 from .text_encoders import TextEncoders
 from .vae_checkpoint import load_autoencoder
@@ -56,6 +57,7 @@ class GenerateRequest:
     guidance: float = 2.8
     width: int = 2048
     height: int = 1024
+    step_cache: float = 0.0  # opt-in First-Block-Cache threshold (pipeline/step_cache.py); 0 = off
 
     def __post_init__(self) -> None:
         self.validate()
@@ -246,9 +248,10 @@ class DiT360Pipeline:
         img_ids = wrap_pad_ids(image_ids(grid_h, grid_w), grid_h, grid_w)[None].to(self.device)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=self.device)
         sigmas = get_sigmas(request.steps, img.shape[1])
+        cache = StepCache(request.step_cache) if request.step_cache > 0 else None
         x = denoise(
             self.transformer, img, img_ids, txt, txt_ids, vec, sigmas, request.guidance,
-            dtype=self.dtype, on_step=on_step, should_cancel=should_cancel,
+            dtype=self.dtype, on_step=on_step, should_cancel=should_cancel, cache=cache,
         )  # fmt: skip
         _sync(self.device)
         timings["sample_s"] = time.perf_counter() - t0
@@ -263,6 +266,7 @@ class DiT360Pipeline:
             **self.model_info,
             "sampler": "euler flow-matching, DiT360 wrap padding (1 column per side)",
             "noise": "torch CPU generator, float32",
+            "transformer_evaluations": cache.full_evaluations if cache is not None else request.steps,
         }
         return Generation(image=image, request=request, metadata=metadata, timings=timings)
 

@@ -16,6 +16,7 @@ from .flux_layers import (
     sdpa_context,
     timestep_embedding,
 )
+from .step_cache import StepCache
 
 
 @dataclass
@@ -81,8 +82,10 @@ class Flux(nn.Module):
         timesteps: Tensor,
         y: Tensor,
         guidance: Tensor | None = None,
+        cache: StepCache | None = None,
     ) -> Tensor:
-        """timesteps and guidance are per batch item: sigma in [0, 1] and the guidance value."""
+        """timesteps and guidance are per batch item: sigma in [0, 1] and the guidance value.
+        With `cache` (pipeline/step_cache.py) the blocks after the first may be skipped."""
         dtype = img.dtype
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps.to(dtype), 256))
@@ -95,12 +98,19 @@ class Flux(nn.Module):
 
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         with sdpa_context():
-            for block in self.double_blocks:
+            first_in = img
+            img, txt = self.double_blocks[0](img=img, txt=txt, vec=vec, pe=pe)
+            first_out = img
+            if cache is not None and cache.can_skip(first_out - first_in):
+                return self.final_layer(first_out + cache.rest(), vec)
+            for block in self.double_blocks[1:]:
                 img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
             x = torch.cat((txt, img), dim=1)
             for block in self.single_blocks:
                 x = block(x, vec=vec, pe=pe)
         img = x[:, txt.shape[1] :, ...]
+        if cache is not None:
+            cache.store(first_out - first_in, img - first_out)
         return self.final_layer(img, vec)
 
     def compile_blocks(self) -> None:

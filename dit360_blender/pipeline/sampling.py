@@ -18,6 +18,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .step_cache import StepCache
+
 LATENT_CHANNELS = 16
 VAE_DOWNSCALE = 8
 PATCH = 2
@@ -125,6 +127,7 @@ def denoise(
     dtype: torch.dtype = torch.float32,
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    cache: StepCache | None = None,
 ) -> Tensor:
     """Euler steps of the flow ODE; the model runs in `dtype`, the state stays float32.
 
@@ -132,7 +135,8 @@ def denoise(
     are identical, in half precision ours accumulates less rounding.)
 
     `should_cancel()` is checked before every step (raising `Cancelled`); `on_step` gets a
-    `SamplerStep` after every step.
+    `SamplerStep` after every step. With `cache` (pipeline/step_cache.py) the model may reuse its
+    last full step's work; the first and the last step are always computed in full.
     """
     x = img.float()
     guidance_vec = torch.full((x.shape[0],), guidance, device=x.device, dtype=torch.float32)
@@ -142,6 +146,10 @@ def denoise(
             raise Cancelled()
         t_curr, t_next = sigmas[i].item(), sigmas[i + 1].item()
         t_vec = torch.full((x.shape[0],), t_curr, device=x.device, dtype=torch.float32)
+        extra = {}
+        if cache is not None:
+            cache.force_full = i in (0, total - 1)
+            extra["cache"] = cache
         with torch.inference_mode():
             pred = model(
                 img=x.to(dtype),
@@ -151,6 +159,7 @@ def denoise(
                 timesteps=t_vec,
                 y=vec.to(dtype),
                 guidance=guidance_vec,
+                **extra,
             )
         velocity = pred.float()
         if on_step is not None:

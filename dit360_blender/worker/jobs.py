@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..params import apply_speed
 from ..pipeline.dit360 import Cancelled, DiT360Pipeline, GenerateRequest, pick_device
 from ..pipeline.errors import DiT360Error
 from ..pipeline.make_panorama import make_panorama
@@ -135,10 +136,10 @@ class JobRunner:
         return not fatal
 
     def _execute(self, job: QueuedJob) -> None:
-        p = job.params  # checked against the parameter table when the job arrived
+        p = apply_speed(job.params)  # checked against the parameter table when the job arrived
         request = GenerateRequest(
             prompt=p["prompt"], seed=p["seed"], steps=p["steps"], guidance=float(p["guidance"]),
-            width=p["width"], height=p["height"],
+            width=p["width"], height=p["height"], step_cache=float(p["step_cache"]),
         )  # fmt: skip
         out = plan_output(p["output_dir"], p["prompt"], p["seed"], p["filename"])
         ensure_writable(out.parent)  # fail before minutes of loading and sampling, not after
