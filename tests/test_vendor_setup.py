@@ -199,6 +199,10 @@ def test_the_shipped_layout_installs_the_runtime_pins_and_refuses_dev(tmp_path):
         [sys.executable, str(script), "--dev", "--dry-run"], env=env, capture_output=True, text=True
     )
     assert dev.returncode == 1 and "dev.txt is missing" in dev.stderr
+    check = subprocess.run(
+        [sys.executable, str(script), "--check", "--dry-run"], env=env, capture_output=True, text=True
+    )
+    assert check.returncode == 0 and "would check torch" in check.stdout, check.stdout + check.stderr
 
 
 def test_a_missing_runtime_file_is_an_error_not_an_empty_install(tmp_path):
