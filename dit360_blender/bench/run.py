@@ -28,7 +28,9 @@ from ..pipeline.dit360 import DEFAULT_IMAGE_TOKENS, DiT360Pipeline, GenerateRequ
 from ..pipeline.fp8 import Fp8Linear
 from ..pipeline.model_files.download import resolve_model_paths
 from ..pipeline.sampling import image_ids, wrap_pad_ids
+from .report import markdown_table
 from .synthetic import FULL, TINY, write_synthetic_models
+from .user_path import WORKER_VARIANTS, diffusers_compiled, worker_jobs
 
 PROMPT = "This is a panorama. A sunny alpine lake surrounded by pine forest and snowy peaks."
 GIB = 2**30
@@ -60,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="print the top CUDA kernels of one step per mode"
     )
     parser.add_argument("--attention-probe", action="store_true", help="time each SDPA backend at our shape")
+    parser.add_argument(
+        "--worker",
+        default="",
+        help="worker variants to time through the real client, comma-separated (user_path.WORKER_VARIANTS; "
+        "a name twice = a second launch of it, with the compile cache warm)",
+    )
     args = parser.parse_args(argv)
     bench = Bench(args)
     bench.run()
@@ -104,7 +112,7 @@ class Bench:
                 traceback.print_exc()
                 self._save()
         if self.args.compile and self.cuda:
-            for mode in ("fp8", "resident"):
+            for mode in ("fp8", "resident", "resident/fp16"):
                 try:
                     self._compiled(mode)
                 except Exception as exc:
@@ -112,10 +120,29 @@ class Bench:
                     print(f"[{mode}+compile] FAILED {exc!r}", flush=True)
         if self.args.cold_load:
             self._cold_load(work)
+        self._worker_variants(work)
         self._save()
 
+    def _worker_variants(self, work: Path) -> None:
+        launches = [name.strip() for name in self.args.worker.split(",") if name.strip()]
+        results = self.results.setdefault("worker", [])
+        for name in launches:
+            _free()
+            try:
+                record = worker_jobs(
+                    work, WORKER_VARIANTS[name], self.width, self.height, self.args.steps,
+                    self.device if self.cuda else None,
+                )  # fmt: skip
+            except Exception as exc:  # one failing variant must not lose the others' numbers
+                record = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:300]}
+            record["name"] = name
+            results.append(record)
+            print(f"[worker {name}] {json.dumps(record, default=float)}", flush=True)
+            self._save()
+
     def _run_mode(self, mode: str) -> None:
-        name, _, budget = mode.partition(":")
+        mode_part, _, dtype = mode.partition("/")  # "resident/fp16": that mode in another precision
+        name, _, budget = mode_part.partition(":")
         if name == "stream" and not self.cuda:
             self.results["modes"][mode] = {"skipped": "needs CUDA"}
             return
@@ -123,7 +150,7 @@ class Bench:
         _reset_peak()
         t0 = time.perf_counter()
         pipe = DiT360Pipeline.load(
-            self.paths, device=self.device, dtype="bf16" if self.cuda else "fp32",
+            self.paths, device=self.device, dtype=dtype or ("bf16" if self.cuda else "fp32"),
             memory_mode=name, vram_budget_gib=float(budget) if budget else None,
         )  # fmt: skip
         record: dict = {"load_s": time.perf_counter() - t0, "rss_gib": _rss() / GIB}
@@ -270,6 +297,13 @@ class Bench:
         record = {"step_s": self._transformer_step(forward, dtype), "peak_gib": _peak() / GIB}
         self.results["diffusers"] = record
         print(f"[diffusers] {record}", flush=True)
+        if self.cuda:
+            try:
+                compiled = diffusers_compiled(model, lambda: self._transformer_step(forward, dtype))
+            except Exception as exc:
+                compiled = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:300]}
+            self.results["diffusers_compiled"] = compiled
+            print(f"[diffusers compiled] {compiled}", flush=True)
 
     SAMPLED_LAYERS = (
         "double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0", "double_blocks.9.txt_attn.proj",
@@ -310,8 +344,9 @@ class Bench:
     def _compiled(self, mode: str) -> None:
         _free()
         _reset_peak()
+        name, _, dtype = mode.partition("/")
         pipe = DiT360Pipeline.load(
-            self.paths, device=self.device, dtype="bf16", memory_mode=mode, compile=True
+            self.paths, device=self.device, dtype=dtype or "bf16", memory_mode=name, compile=True
         )
         t0 = time.perf_counter()
         record = {"step_s": self._transformer_step(lambda *a: pipe.transformer(*a), pipe.dtype)}
@@ -386,32 +421,6 @@ class Bench:
     def _save(self) -> None:
         (self.args.out / "results.json").write_text(json.dumps(self.results, indent=2, default=float))
         (self.args.out / "results.md").write_text(markdown_table(self.results))
-
-
-def markdown_table(results: dict) -> str:
-    base = results.get("diffusers", {}).get("step_s")
-    lines = [
-        "| mode | step s | × diffusers | encode s | decode s | 28-step job s | job peak GiB | peak GiB | streamed GiB | load s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    if base:
-        lines.append(
-            f"| diffusers eager (baseline) | {base:.3f} | 1.00 | | | | | {results['diffusers']['peak_gib']:.1f} | | |"
-        )
-    for mode, r in results["modes"].items():
-        if "skipped" in r:
-            lines.append(f"| {mode} | skipped: {r['skipped']} |||||||||")
-            continue
-        ratio = f"{r['step_s'] / base:.2f}" if base else "–"
-
-        def cell(key: str, fmt: str = "{:.3f}", r: dict = r) -> str:
-            return fmt.format(r[key]) if key in r else ""
-
-        lines.append(
-            f"| {mode} | {r['step_s']:.3f} | {ratio} | {cell('encode_s')} | {cell('decode_s')} | {cell('job_s', '{:.2f}')} "
-            f"| {cell('job_peak_gib', '{:.2f}')} | {cell('peak_gib', '{:.2f}')} | {cell('streamed_gib', '{:.1f}')} | {cell('load_s', '{:.1f}')} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 # -- helpers -----------------------------------------------------------------------------------
