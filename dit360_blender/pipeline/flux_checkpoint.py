@@ -134,11 +134,19 @@ def convert_bfl_to_diffusers(state: dict[str, Tensor], params: FluxParams) -> di
 # Reading tensors in BFL keys, one at a time
 
 
-def _strip_prefix(key: str) -> str:
-    for prefix in BFL_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
+SCALED_FP8_MARKER = "scaled_fp8"  # an empty tensor ComfyUI's scaled-fp8 files carry, not a weight
+
+
+def bfl_keys(keys: list[str]) -> dict[str, str]:
+    """File key -> BFL key for a BFL-layout file, leaving out what is not the transformer's.
+
+    With a `model.diffusion_model.` prefix (ComfyUI all-in-one files) only the prefixed keys are the
+    transformer; the VAE (`vae.`) and text encoders (`text_encoders.`) beside them are not.
+    """
+    prefix = next((p for p in BFL_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    return {
+        k: k[len(prefix) :] for k in keys if k.startswith(prefix) and k[len(prefix) :] != SCALED_FP8_MARKER
+    }
 
 
 def _transformer_files(path: Path) -> list[Path]:
@@ -160,9 +168,8 @@ def iter_bfl_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
         handles = [stack.enter_context(open_safetensors(f)) for f in _transformer_files(path)]
         where = {k: h for h in handles for k in h.keys()}
         if not is_diffusers_layout(list(where)):
-            for key, handle in sorted(where.items()):  # ".scale_weight" sorts before ".weight"
-                if key != "scaled_fp8":  # a marker tensor in ComfyUI's scaled-fp8 files
-                    yield _strip_prefix(key), handle.get_tensor(key)
+            for key, bfl in sorted(bfl_keys(list(where)).items()):  # ".scale_weight" sorts before ".weight"
+                yield bfl, where[key].get_tensor(key)
             return
         yield from _iter_diffusers_as_bfl(where)
 
@@ -216,7 +223,7 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         handles = [stack.enter_context(open_safetensors(f)) for f in _transformer_files(path)]
         shapes = {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}
     if not is_diffusers_layout(list(shapes)):
-        return {_strip_prefix(k): v for k, v in shapes.items()}
+        return {bfl: shapes[k] for k, bfl in bfl_keys(list(shapes)).items()}
     depth = _count_blocks(list(shapes), "transformer_blocks.")
     depth_single = _count_blocks(list(shapes), "single_transformer_blocks.")
     out: dict[str, tuple[int, ...]] = {}
@@ -314,9 +321,7 @@ def load_flux_transformer(
     params = infer_params(shapes, axes_dim)
     with torch.device("meta"):
         model = Flux(params)
-    weight_keys = {
-        k for k in shapes if not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8"
-    }
+    weight_keys = {k for k in shapes if not k.endswith((".scale_weight", ".scale_input"))}
     _check_keys(set(model.state_dict()), weight_keys, path)
     state: dict[str, Tensor] = {}
     fp8_keys: set[str] = set()

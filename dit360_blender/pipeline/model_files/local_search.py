@@ -27,6 +27,7 @@ from .catalogue import (
     placement,
     repo_of,
 )
+from .checkpoint_parts import checkpoint_parts
 from .safetensors_header import safetensors_problem
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def search(
         if value is not None and str(value).strip():
             found[component] = _explicit_path(component, value, strict, notes[component])
             continue
+        if component != "transformer" and _from_checkpoint(component, found["transformer"], notes):
+            found[component] = found["transformer"]
+            continue
         if models_dir is not None:
             root = models_dir / folder_of(component)
             path, problem = component_in_root(component, root)
@@ -91,6 +95,25 @@ def search(
         else:
             notes[component].append(f"Hugging Face cache {hf_cache_dir()}: not downloaded")
     return found, notes
+
+
+def _from_checkpoint(component: str, transformer: Path | None, notes: dict[str, list[str]]) -> bool:
+    """True when the transformer's file is an all-in-one checkpoint that holds ``component``.
+
+    Its VAE is used; its text encoders are not (they need FLUX.1-dev's tokenizers and configs
+    anyway), which the notes say, so a message about missing text encoders explains itself.
+    """
+    parts = checkpoint_parts(transformer) if transformer is not None else None
+    if parts is None or not parts.all_in_one:
+        return False
+    if component == "vae" and parts.vae:
+        return True
+    if component != "lora":
+        notes[component].append(
+            f"the all-in-one checkpoint {transformer} (it holds {parts.described()}; "
+            f"the {component} is never read from it)"
+        )
+    return False
 
 
 def _explicit_path(component: str, value: Path | str, strict: bool, notes: list[str]) -> Path | None:
@@ -119,9 +142,7 @@ def component_in_root(component: str, root: Path) -> tuple[Path | None, str]:
     if not root.is_dir():
         return None, "no such folder"
     if component in ("transformer", "vae"):
-        path = root / PATTERNS[component][0]
-        problem = _problem_text(path)
-        return (path, "") if problem is None else (None, f"{path.name} {problem}")
+        return _single_file_or_diffusers_folder(component, root)
     if component == "lora":
         return _lora_in(root)
     folder = root / component
@@ -140,8 +161,24 @@ def component_in_root(component: str, root: Path) -> tuple[Path | None, str]:
     return (folder, "") if problem is None else (None, f"{component}/ {problem}")
 
 
+def _single_file_or_diffusers_folder(component: str, root: Path) -> tuple[Path | None, str]:
+    """BFL's single file (flux1-dev.safetensors / ae.safetensors), else the diffusers folder of the
+    same weights (transformer/ / vae/), which a Hub cache filled by diffusers holds instead."""
+    path = root / PATTERNS[component][0]
+    problem = _problem_text(path)
+    if problem is None:
+        return path, ""
+    folder = root / component
+    if not folder.is_dir():
+        return None, f"{path.name} {problem}, and there is no diffusers {component}/ folder"
+    folder_problem = _weights_folder_problem(folder)
+    if folder_problem is None:
+        return folder, ""
+    return None, f"{path.name} {problem}, and the diffusers {component}/ folder {folder_problem}"
+
+
 def _weights_folder_problem(folder: Path) -> str | None:
-    """None when a transformers model folder has its config and every weight shard, complete."""
+    """None when a transformers/diffusers model folder has its config and every weight shard, complete."""
     if not (folder / "config.json").is_file():
         return "has no config.json"
     indexes = sorted(folder.glob("*.safetensors.index.json"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+GGUF_MAGIC = b"GGUF"  # llama.cpp's format, as city96's quantised FLUX files use
 _MAX_HEADER_BYTES = 100_000_000  # a longer "header" means the first 8 bytes are not a length at all
 
 
@@ -35,6 +36,8 @@ def safetensors_problem(path: Path) -> SafetensorsProblem | None:
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
+            if head[:4] == GGUF_MAGIC:  # its first 8 bytes would read as a huge header length
+                return SafetensorsProblem("foreign", "is a GGUF file, not safetensors")
             if len(head) < 8:
                 return SafetensorsProblem("cut_short", f"is truncated ({size} bytes)")
             (header_len,) = struct.unpack("<Q", head)
@@ -57,6 +60,16 @@ def safetensors_problem(path: Path) -> SafetensorsProblem | None:
             f"is incomplete: truncated at {size} of {expected} bytes (the download or copy stopped part-way)",
         )
     return None
+
+
+def safetensors_keys(path: Path) -> list[str] | None:
+    """The tensor names of a complete safetensors file (from its header alone); None when unusable."""
+    if safetensors_problem(path) is not None:
+        return None
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    return [k for k in header if k != "__metadata__"]
 
 
 def _data_end(header: object) -> int | None:

@@ -1,0 +1,206 @@
+"""The model files people already have: a diffusers-format FLUX.1-dev in the Hugging Face cache,
+ComfyUI's all-in-one and scaled-fp8 checkpoints — found, loaded, and what is missing named."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import huggingface_hub.constants as hf_constants
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dit360_blender.pipeline.errors import WeightsMissingError
+from dit360_blender.pipeline.flux_checkpoint import load_flux_transformer
+from dit360_blender.pipeline.model_files.download import resolve_model_paths
+from dit360_blender.pipeline.model_files.local_search import find_model_paths
+
+SNAPSHOT = "c" * 40
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty private Hugging Face cache (huggingface_hub read its environment at import)."""
+    hub = tmp_path / "hf_home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    return hub
+
+
+def cache_repo(hub: Path, repo: str, source: Path, skip: tuple[str, ...] = ()) -> Path:
+    """Lay `source`'s files out as huggingface_hub does: blobs, snapshots/<commit>/ symlinks, refs/main."""
+    base = hub / f"models--{repo.replace('/', '--')}"
+    snapshot = base / "snapshots" / SNAPSHOT
+    for file in sorted(source.rglob("*")):
+        rel = file.relative_to(source)
+        if not file.is_file() or rel.as_posix() in skip:
+            continue
+        blob = base / "blobs" / f"{abs(hash(rel.as_posix())):x}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, blob)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(SNAPSHOT)
+    return snapshot
+
+
+def test_diffusers_flux_in_the_hf_cache_is_found_and_loads(tiny_models, hf_cache):
+    """The cache holds FLUX.1-dev as diffusers downloads it (transformer/ + vae/, no single files)."""
+    flux = cache_repo(
+        hf_cache,
+        "black-forest-labs/FLUX.1-dev",
+        tiny_models["flux"],
+        skip=("flux1-dev.safetensors", "ae.safetensors"),
+    )
+    cache_repo(hf_cache, "Insta360-Research/DiT360-Panorama-Image-Generation", tiny_models["root"] / "DiT360")
+    paths = resolve_model_paths()  # no download allowed: raises if anything counts as missing
+    assert paths.transformer == flux / "transformer"
+    assert paths.vae == flux / "vae"
+    assert paths.text_encoder_2 == flux / "text_encoder_2"
+    # the folder found is the same model as BFL's single file
+    ours = load_flux_transformer(paths.transformer, torch.float32)
+    reference = load_file(str(tiny_models["flux"] / "flux1-dev.safetensors"))
+    state = ours.state_dict()
+    assert set(state) == set(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_incomplete_diffusers_folder_in_the_cache_does_not_count(tiny_models, hf_cache):
+    flux = cache_repo(
+        hf_cache,
+        "black-forest-labs/FLUX.1-dev",
+        tiny_models["flux"],
+        skip=("flux1-dev.safetensors", "ae.safetensors", "vae/config.json"),
+    )
+    found = find_model_paths(use_lora=False)
+    assert found["transformer"] == flux / "transformer"
+    assert found["vae"] is None
+    with pytest.raises(WeightsMissingError) as err:
+        resolve_model_paths(use_lora=False)
+    assert "vae/ folder has no config.json" in err.value.message
+
+
+# --- ComfyUI scaled fp8 ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base():
+    from flux_fixtures import tiny_diffusers_transformer
+
+    return tiny_diffusers_transformer(seed=21)
+
+
+@pytest.fixture(scope="module")
+def bfl(base, tmp_path_factory):
+    from dit360_blender.pipeline.flux_checkpoint import iter_bfl_tensors
+
+    folder = tmp_path_factory.mktemp("comfy") / "transformer"
+    base.save_pretrained(folder, safe_serialization=True)
+    return {k: v.contiguous() for k, v in iter_bfl_tensors(folder)}
+
+
+def reference_with(base, bfl_weights: dict[str, torch.Tensor]):
+    """diffusers' transformer holding exactly these (dequantised) weights."""
+    import copy
+
+    from flux_fixtures import diffusers_state_from_bfl, tiny_params
+
+    ref = copy.deepcopy(base)
+    state = {k: v.float() for k, v in bfl_weights.items()}
+    ref.load_state_dict(diffusers_state_from_bfl(state, tiny_params(base)), strict=True)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_comfy_scaled_fp8_loads_and_dequantises_with_its_scales(base, bfl, tmp_path, prefix):
+    from comfy_files import scaled_fp8_state
+    from flux_fixtures import TINY_AXES
+    from test_parity_transformer import rel_err, run_both
+
+    state, dequantised = scaled_fp8_state(bfl, prefix)
+    path = tmp_path / "flux1-dev-fp8-scaled.safetensors"
+    save_file(state, str(path))
+    ours = load_flux_transformer(path, torch.float32, axes_dim=TINY_AXES)
+    layer = ours.double_blocks[0].img_attn.qkv
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    # the weight seen by the matmul is fp8 * scale_weight, exactly
+    want = dequantised["double_blocks.0.img_attn.qkv.weight"]
+    assert torch.allclose(layer.dequantized(torch.float64), want, rtol=1e-6, atol=0)
+    got, expected = run_both(ours, reference_with(base, dequantised), 4, 8, wrap=True)
+    assert rel_err(got, expected) <= 1e-5
+
+
+# --- ComfyUI all-in-one checkpoints -------------------------------------------------------------
+
+
+def _text_states(flux: Path) -> tuple[dict, dict]:
+    clip = load_file(str(flux / "text_encoder" / "model.safetensors"))
+    t5: dict = {}
+    for shard in sorted((flux / "text_encoder_2").glob("*.safetensors")):
+        t5.update(load_file(str(shard)))
+    return clip, t5
+
+
+@pytest.mark.parametrize("text_root", ["text_encoders.", "cond_stage_model."])
+def test_all_in_one_checkpoint_gives_transformer_and_vae(tiny_models, tmp_path, hf_cache, text_root):
+    from comfy_files import write_all_in_one
+
+    from dit360_blender.pipeline.vae_checkpoint import load_autoencoder
+
+    flux = tiny_models["flux"]
+    clip, t5 = _text_states(flux)
+    aio = write_all_in_one(
+        tmp_path / "checkpoints" / "flux1-dev-aio.safetensors",
+        load_file(str(flux / "flux1-dev.safetensors")),
+        load_file(str(flux / "ae.safetensors")),
+        clip,
+        t5,
+        text_root,
+    )
+    models = tmp_path / "models"
+    for folder in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        shutil.copytree(flux / folder, models / "FLUX.1-dev" / folder)
+    paths = resolve_model_paths(explicit={"transformer": aio}, models_dir=models, use_lora=False)
+    assert paths.transformer == aio and paths.vae == aio
+    assert paths.text_encoder == models / "FLUX.1-dev" / "text_encoder"
+
+    ours = load_flux_transformer(paths.transformer, torch.float32).state_dict()
+    reference = load_file(str(flux / "flux1-dev.safetensors"))
+    assert set(ours) == set(reference) and all(torch.equal(ours[k], reference[k]) for k in reference)
+    vae = load_autoencoder(paths.vae).state_dict()
+    ae = load_file(str(flux / "ae.safetensors"))
+    assert set(vae) == set(ae) and all(torch.equal(vae[k], ae[k]) for k in ae)
+
+    # without the text encoders anywhere, the message names them, says the checkpoint was looked
+    # at (and what it holds), and where to put the missing files
+    shutil.rmtree(models / "FLUX.1-dev" / "text_encoder_2")
+    with pytest.raises(WeightsMissingError) as err:
+        resolve_model_paths(explicit={"transformer": aio}, models_dir=models, use_lora=False)
+    first, *rest = err.value.message.splitlines()
+    assert "text_encoder_2" in first and "vae" not in first and "transformer" not in first
+    assert any(str(aio) in line and "T5-XXL" in line for line in rest)
+    assert str(models / "FLUX.1-dev" / "text_encoder_2" / "config.json") in err.value.hint
+
+
+def test_transformer_only_checkpoint_takes_no_vae_from_it(tiny_models, tmp_path, hf_cache):
+    from comfy_files import write_all_in_one
+
+    flux = tiny_models["flux"]
+    unet = write_all_in_one(
+        tmp_path / "unet.safetensors", load_file(str(flux / "flux1-dev.safetensors")), None
+    )
+    found = find_model_paths(explicit={"transformer": unet}, use_lora=False)
+    assert found["transformer"] == unet and found["vae"] is None
+
+
+def test_gguf_file_is_not_called_truncated(tmp_path):
+    from dit360_blender.pipeline.model_files.safetensors_header import safetensors_problem
+
+    path = tmp_path / "flux1-dev-Q8_0.gguf"
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(64))
+    problem = safetensors_problem(path)
+    assert problem is not None and problem.kind == "foreign" and "GGUF" in problem.text
