@@ -190,7 +190,7 @@ def test_zip_installs_validates_and_registers_twice(scenario):
 def test_zip_layout(scenario):
     zip_path = scenario["_meta"]["cfg"]["zip"]
     names = set(zipfile.ZipFile(zip_path).namelist())
-    assert {"blender_manifest.toml", "__init__.py", "vendor_setup.py", "blender/runtime.py", "client.py",
+    assert {"blender_manifest.toml", "__init__.py", "vendor_setup.py", "blender/pump.py", "client.py",
             "worker/download.py", "pipeline/dit360.py"} <= names  # fmt: skip
     assert not any(n.startswith(("tests/", ".venv/", "dit360_blender/")) or "__pycache__" in n for n in names)
 

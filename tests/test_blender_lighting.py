@@ -4,7 +4,7 @@ The tiny random generator cannot draw a sun, so two SYNTHETIC panoramas with a k
 gradient and a bright disc at a chosen azimuth/elevation, drawn in direction space) are turned into
 worker results exactly as the worker does it (`panorama.analyze`, `write_lighting_files`, `save_png`,
 a `result` message through the protocol's encoder and decoder) and fed to the runtime's apply path
-(`CONTROLLER.apply_result`, which every job's result takes). One real job through the worker with the
+(`results.apply_result`, which every job's result takes). One real job through the worker with the
 tiny model closes the loop. One Blender process runs tests/blender/scenario_lighting.py; each test
 here checks one step's record.
 """

@@ -10,7 +10,8 @@ import bpy
 from bpy.app.handlers import persistent
 
 from . import operators, panels, prefs, props
-from .runtime import CONTROLLER
+from .pump import PUMP
+from .thumbnails import THUMBNAILS
 
 _CLASSES = (*prefs.CLASSES, *operators.CLASSES, *panels.CLASSES)
 
@@ -18,27 +19,23 @@ _CLASSES = (*prefs.CLASSES, *operators.CLASSES, *panels.CLASSES)
 @persistent
 def _on_load_pre(*_args: object) -> None:
     # A job's scene and Worlds belong to the file being closed.
-    CONTROLLER.forget_job()
+    PUMP.forget_job()
 
 
 def register() -> None:
-    import bpy.utils.previews
-
     props.register()
     for cls in _CLASSES:
         bpy.utils.register_class(cls)
-    CONTROLLER.previews = bpy.utils.previews.new()
+    THUMBNAILS.open()
     if _on_load_pre not in bpy.app.handlers.load_pre:
         bpy.app.handlers.load_pre.append(_on_load_pre)
 
 
 def unregister() -> None:
-    CONTROLLER.shutdown()  # timer, tasks and worker stop before the classes they use go away
+    PUMP.shutdown()  # timer, tasks and worker stop before the classes they use go away
     if _on_load_pre in bpy.app.handlers.load_pre:
         bpy.app.handlers.load_pre.remove(_on_load_pre)
-    if CONTROLLER.previews is not None:
-        bpy.utils.previews.remove(CONTROLLER.previews)
-        CONTROLLER.previews = None
+    THUMBNAILS.close()
     for cls in reversed(_CLASSES):
         bpy.utils.unregister_class(cls)
     props.unregister()

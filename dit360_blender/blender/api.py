@@ -19,7 +19,9 @@ import bpy
 
 from . import lighting
 from . import world as world_nodes
-from .runtime import CONTROLLER, ActiveJob, GenerationError
+from .errors import GenerationError
+from .generation import Generation
+from .pump import PUMP
 
 __all__ = ["GenerationError", "cancel", "generate_world", "is_busy", "set_world_image", "stop_worker"]
 
@@ -38,7 +40,7 @@ def generate_world(
     scene: bpy.types.Scene | None = None,
     wait: bool = True,
     timeout: float | None = None,
-) -> bpy.types.Image | ActiveJob:
+) -> bpy.types.Image | Generation:
     """Generate a 360° world for `scene` (default: the current one) and make it its World.
 
     `sun_share` (0 to 0.95) is the share of the HDR environment's light a detected sun gets.
@@ -52,10 +54,10 @@ def generate_world(
         "lora_strength": lora_strength, "width": width, "height": height, "sun_share": sun_share,
         "output_dir": bpy.path.abspath(output_dir) if output_dir else None,
     }  # fmt: skip
-    job = CONTROLLER.start_generation(scene, **overrides)
+    job = PUMP.start_generation(scene, **overrides)
     if not wait:
         return job
-    CONTROLLER.wait(job, timeout=timeout)
+    PUMP.wait(job, timeout=timeout)
     if job.error is not None:
         raise job.error
     image = bpy.data.images.get(job.image_name or "")
@@ -81,13 +83,13 @@ def set_world_image(image: bpy.types.Image, world: bpy.types.World | None = None
 
 def cancel() -> bool:
     """Cancel the running generation (the World stays as it was)."""
-    return CONTROLLER.cancel()
+    return PUMP.cancel()
 
 
 def is_busy() -> bool:
-    return CONTROLLER.busy
+    return PUMP.busy
 
 
 def stop_worker() -> None:
     """Stop the worker process, freeing its (GPU) memory."""
-    CONTROLLER.stop_worker()
+    PUMP.link.stop()

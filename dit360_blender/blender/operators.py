@@ -7,7 +7,8 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, St
 
 from . import history
 from .common import ADDON_PACKAGE, runtime, tag_redraw
-from .runtime import CONTROLLER, GenerationError
+from .errors import GenerationError
+from .pump import PUMP
 
 
 def _show_error(err: GenerationError) -> None:
@@ -46,7 +47,7 @@ class DIT360_OT_generate(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        if CONTROLLER.busy:
+        if PUMP.busy:
             cls.poll_message_set("A world is being generated")
             return False
         return context.scene is not None
@@ -66,7 +67,7 @@ class DIT360_OT_generate(bpy.types.Operator):
             overrides["output_dir"] = bpy.path.abspath(str(overrides["output_dir"]))
         block = self.wait or (bpy.app.background and not self.properties.is_property_set("wait"))
         try:
-            job = CONTROLLER.start_generation(context.scene, **overrides)
+            job = PUMP.start_generation(context.scene, **overrides)
         except GenerationError as err:
             _show_error(err)
             self.report({"ERROR"}, f"{err.message} — {err.hint}" if err.hint else err.message)
@@ -74,7 +75,7 @@ class DIT360_OT_generate(bpy.types.Operator):
         if not block:
             return {"FINISHED"}
         job.push_undo = False  # this operator's own undo step holds the result
-        CONTROLLER.wait(job)
+        PUMP.wait(job)
         if job.error is not None:
             self.report(
                 {"ERROR"}, f"{job.error.message} — {job.error.hint}" if job.error.hint else job.error.message
@@ -91,10 +92,10 @@ class DIT360_OT_cancel(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        return CONTROLLER.busy
+        return PUMP.busy
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        CONTROLLER.cancel()
+        PUMP.cancel()
         return {"FINISHED"}
 
 
@@ -105,7 +106,7 @@ class DIT360_OT_stop_worker(bpy.types.Operator):
     bl_label = "Stop Worker"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        CONTROLLER.stop_worker()
+        PUMP.link.stop()
         state = runtime()
         if state is not None:
             state.worker_info = "Worker stopped."
@@ -229,7 +230,7 @@ class DIT360_OT_install_dependencies(bpy.types.Operator):
             )
             return {"CANCELLED"}
         try:
-            CONTROLLER.start_install(self.packages)
+            PUMP.setup.start_install(self.packages)
         except (GenerationError, OSError) as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
@@ -243,7 +244,7 @@ class DIT360_OT_cancel_install(bpy.types.Operator):
     bl_label = "Stop Installing"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        CONTROLLER.cancel_task("install")
+        PUMP.setup.cancel("install")
         return {"FINISHED"}
 
 
@@ -254,7 +255,7 @@ class DIT360_OT_check_dependencies(bpy.types.Operator):
     bl_label = "Check Dependencies"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        CONTROLLER.start_deps_check()
+        PUMP.setup.start_deps_check()
         return {"FINISHED"}
 
 
@@ -265,7 +266,7 @@ class DIT360_OT_check_models(bpy.types.Operator):
     bl_label = "Check Models"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        CONTROLLER.start_models_check()
+        PUMP.setup.start_models_check()
         return {"FINISHED"}
 
 
@@ -276,7 +277,7 @@ class DIT360_OT_download_models(bpy.types.Operator):
     bl_label = "Download Models"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        if not CONTROLLER.start_download():
+        if not PUMP.setup.start_download():
             state = runtime()
             self.report({"ERROR"}, state.download_error if state is not None else "Download refused.")
             return {"CANCELLED"}
@@ -290,7 +291,7 @@ class DIT360_OT_cancel_download(bpy.types.Operator):
     bl_label = "Stop Download"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        CONTROLLER.cancel_task("download")
+        PUMP.setup.cancel("download")
         return {"FINISHED"}
 
 

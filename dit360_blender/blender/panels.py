@@ -14,7 +14,8 @@ from . import history, lighting
 from . import world as world_nodes
 from .common import runtime
 from .prefs import schedule_checks
-from .runtime import CONTROLLER
+from .pump import PUMP
+from .thumbnails import THUMBNAILS
 
 _FIX_BUTTONS = {
     "worker_start_failed": (
@@ -33,7 +34,7 @@ _FIX_BUTTONS = {
 
 def _thumbnail(path: str) -> int:
     """icon_id of a file's thumbnail (loaded once into the add-on's preview collection), 0 if none."""
-    pcoll = CONTROLLER.previews
+    pcoll = THUMBNAILS.collection
     if pcoll is None or not path:
         return 0
     key = f"history:{path}"
@@ -181,7 +182,7 @@ def draw_generate_button(layout: bpy.types.UILayout, scale_y: float = 1.0) -> No
     row = layout.row(align=True)
     row.scale_y = scale_y
     state = runtime()
-    if CONTROLLER.busy or (state is not None and state.running):
+    if PUMP.busy or (state is not None and state.running):
         row.operator("dit360.cancel", icon="CANCEL")
     else:
         row.operator("dit360.generate", icon="WORLD")

@@ -6,7 +6,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from .common import ADDON_PACKAGE, FLUX_LICENSE_URL, TOKENS_URL, runtime, user_dir
-from .runtime import CONTROLLER
+from .pump import PUMP
 
 _PATH_NAMES = {
     "transformer": ("Transformer", "flux1-dev.safetensors (or an fp8 / diffusers transformer)", "FILE_PATH"),
@@ -139,7 +139,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         state = runtime()
         if state is None:
             return
-        if state.deps_state == "UNKNOWN" and not CONTROLLER.task_running("deps_check"):
+        if state.deps_state == "UNKNOWN" and not PUMP.setup.running("deps_check"):
             schedule_checks()
         self._draw_dependencies(layout.box(), state)
         self._draw_models(layout.box(), state)
@@ -161,7 +161,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
             box.label(text=state.deps_detail)
         if self.python_source == "BLENDER":
             row = box.row()
-            installing = CONTROLLER.task_running("install")
+            installing = PUMP.setup.running("install")
             row.enabled = not installing
             row.operator("dit360.install_dependencies", icon="IMPORT")
             if installing:
@@ -192,7 +192,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         row = box.row(align=True)
         row.operator("wm.url_open", text="Accept FLUX.1-dev Licence", icon="URL").url = FLUX_LICENSE_URL
         row.operator("wm.url_open", text="Create Token", icon="URL").url = TOKENS_URL
-        downloading = CONTROLLER.task_running("download")
+        downloading = PUMP.setup.running("download")
         row = box.row()
         row.enabled = not downloading
         row.operator("dit360.download_models", icon="IMPORT")
@@ -240,10 +240,10 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
 
 def _run_checks() -> None:
     state = runtime()
-    if state is not None and state.deps_state == "UNKNOWN" and not CONTROLLER.task_running("deps_check"):
-        CONTROLLER.start_deps_check()
-    if state is not None and state.models_state == "UNKNOWN" and not CONTROLLER.task_running("models_check"):
-        CONTROLLER.start_models_check()
+    if state is not None and state.deps_state == "UNKNOWN" and not PUMP.setup.running("deps_check"):
+        PUMP.setup.start_deps_check()
+    if state is not None and state.models_state == "UNKNOWN" and not PUMP.setup.running("models_check"):
+        PUMP.setup.start_models_check()
     return None
 
 

@@ -5,7 +5,6 @@ drains the queue on the main thread. No bpy here: threads must not touch Blender
 
 from __future__ import annotations
 
-import os
 import queue
 import subprocess
 import sys
@@ -14,30 +13,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..client import PACKAGE_DIR
 from ..redact import redact
 
 LOG_TAIL = 200
-
-
-def worker_env(
-    vendor_dir: Path | None, hf_token: str | None = None, extra: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The environment of a process that runs the worker's Python: the vendor folder and this
-    package's parent on PYTHONPATH; the Hugging Face token only here (never argv, never a file)."""
-    env = dict(os.environ)  # a token already in Blender's environment still counts, as in the client
-    if hf_token and hf_token.strip():
-        env["HF_TOKEN"] = hf_token.strip()
-    paths = ([str(vendor_dir)] if vendor_dir else []) + [str(PACKAGE_DIR.parent)]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONIOENCODING"] = "utf-8"
-    env["PYTHONSAFEPATH"] = "1"
-    env["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    env.update(extra or {})
-    return env
 
 
 class BackgroundTask:

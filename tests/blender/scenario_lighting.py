@@ -1,5 +1,5 @@
 """The HDR world and the Sun lamp in real Blender (bpy), in one process: synthetic worker results with a
-known sun go through the runtime's apply path (`CONTROLLER.apply_result`, what every job's result
+known sun go through the add-on's apply path (`results.apply_result`, what every job's result
 takes); then one real job through the worker with the tiny model.
 
     python tests/blender/scenario_lighting.py CONFIG.json      (CONFIG: see tests/test_blender_lighting.py)
@@ -38,7 +38,7 @@ def mod(name: str):
 
 
 def ctrl():
-    return mod("runtime").CONTROLLER
+    return mod("pump").PUMP
 
 
 def world() -> bpy.types.World:
@@ -255,9 +255,9 @@ def step_apply(data: dict) -> None:
     ctx["before_objects"] = sorted(o.name for o in bpy.data.objects)
     scene = bpy.context.scene
     t0 = time.monotonic()
-    image = ctrl().apply_result(scene, event("A"), params("A"))
+    image = mod("results").apply_result(scene, event("A"), params("A"))
     data["apply_s"] = time.monotonic() - t0
-    mod("runtime")._undo_push("DiT360: Generate World")  # what a finished job does
+    mod("results").undo_push("DiT360: Generate World")  # what a finished job does
     data["returned"] = image.name
     data["env"] = env_record()
     data["suns"] = tagged_suns()
@@ -357,8 +357,8 @@ def step_regenerate(data: dict) -> None:
     """Result B replaces the Sun (still one), follows B's sun; the toggle and undo."""
     scene = bpy.context.scene
     first = sun_object().name
-    ctrl().apply_result(scene, event("B"), params("B"))
-    mod("runtime")._undo_push("DiT360: Generate World")
+    mod("results").apply_result(scene, event("B"), params("B"))
+    mod("results").undo_push("DiT360: Generate World")
     data["suns"] = tagged_suns()
     data["same_object"] = sun_object().name == first
     data["sun"] = sun_record()
@@ -419,7 +419,7 @@ def step_worker(data: dict) -> None:
     data["background_strength"] = background_strength()
     data["torch_loaded"] = "torch" in sys.modules
     api.stop_worker()
-    TIMERS.pump(lambda: not ctrl()._closers or not any(t.is_alive() for t in ctrl()._closers), timeout=30)
+    TIMERS.pump(lambda: not ctrl().link.closing, timeout=30)
 
 
 ORDER = [

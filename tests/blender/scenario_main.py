@@ -42,7 +42,11 @@ def ext():
 
 
 def ctrl():
-    return sys.modules[harness.MODULE + ".blender.runtime"].CONTROLLER
+    return sys.modules[harness.MODULE + ".blender.pump"].PUMP
+
+
+def thumbnails():
+    return sys.modules[harness.MODULE + ".blender.thumbnails"].THUMBNAILS.collection
 
 
 def wm_state():
@@ -126,7 +130,7 @@ def step_generate(data: dict) -> None:
     data["error"] = None if job.error is None else [job.error.code, job.error.message, job.error.hint]
     data["events"] = job.events
     data["previews_shown"] = job.previews_shown
-    data["progress_log"] = ctrl().progress_log
+    data["progress_log"] = job.progress_log
     data["wm_states"] = states
     data["seen_worlds"] = sorted(w or "" for w in seen_worlds)
     world = bpy.data.worlds["UserWorld"]
@@ -264,7 +268,7 @@ def step_cancel(data: dict) -> None:
     data["preview_world_image"] = world_mod.current_image(bpy.context.scene.world).name
     job = ctrl().job
     # the panel's live thumbnail (icon ids stay 0 without a UI, so its pixels are checked)
-    data["preview_thumbnail"] = list(ctrl().previews[job.preview_key].image_size) if job.preview_key else None
+    data["preview_thumbnail"] = list(thumbnails()[job.preview_key].image_size) if job.preview_key else None
     data["cancel_op"] = sorted(bpy.ops.dit360.cancel())
     t0 = time.monotonic()
     _run_until(job_done)
@@ -291,7 +295,7 @@ def step_worker_killed(data: dict) -> None:
     world, before = _fresh_world_scene()
     bpy.ops.dit360.generate(prompt=PROMPT, seed=2, steps=400, wait=False, **SMALL)
     _run_until(_preview_seen)
-    pid = ctrl().client.worker_pid
+    pid = ctrl().link.client.worker_pid
     data["killed_pid"] = pid
     os.kill(pid, signal.SIGKILL)
     _run_until(job_done)
@@ -373,7 +377,7 @@ def step_render_cycles(data: dict) -> None:
 
 
 def _task_done(name):
-    return lambda: name not in ctrl().tasks
+    return lambda: name not in ctrl().setup.tasks
 
 
 def step_dependencies(data: dict) -> None:
@@ -409,7 +413,7 @@ def step_dependencies(data: dict) -> None:
     data["state_while_installing"] = s.deps_state
     statuses = []
     TIMERS.pump(
-        lambda: "install" not in ctrl().tasks and "deps_check" not in ctrl().tasks,
+        lambda: "install" not in ctrl().setup.tasks and "deps_check" not in ctrl().setup.tasks,
         timeout=300,
         on_tick=lambda: statuses.append(s.install_status),
     )
@@ -447,7 +451,7 @@ def step_models(data: dict) -> None:
         data["offline"] = {"result": "ran"}
     except RuntimeError as exc:
         data["offline"] = {"result": str(exc)}
-    data["offline"].update(error=s.download_error, hint=s.download_hint, tasks=sorted(ctrl().tasks))
+    data["offline"].update(error=s.download_error, hint=s.download_hint, tasks=sorted(ctrl().setup.tasks))
     bpy.context.preferences.system.use_online_access = True
     # the Hub refuses (a stand-in Hub; this token was not granted FLUX.1-dev): the licence step is explained
     os.environ["HF_ENDPOINT"] = CFG["hub_url"]
@@ -618,27 +622,26 @@ def step_preview_lighting(data: dict) -> None:
 
 def step_idle_stop(data: dict) -> None:
     addon_prefs().idle_minutes = 1
-    c = ctrl()
-    c.ensure_client().start()  # a worker, idle
-    data["pid"] = c.client.worker_pid
-    c._last_busy = time.monotonic() - 61  # as if a minute had passed without a job
-    runtime = sys.modules[harness.MODULE + ".blender.runtime"]
-    runtime.ensure_timer()
-    _run_until(lambda: c.client.worker_pid is None, timeout=30)
-    data["pid_after"] = c.client.worker_pid
+    link = ctrl().link
+    link.ensure_client().start()  # a worker, idle
+    data["pid"] = link.client.worker_pid
+    link._last_busy = time.monotonic() - 61  # as if a minute had passed without a job
+    sys.modules[harness.MODULE + ".blender.pump"].ensure_timer()
+    _run_until(lambda: link.client.worker_pid is None, timeout=30)
+    data["pid_after"] = link.client.worker_pid
     data["info"] = wm_state().worker_info
     addon_prefs().idle_minutes = 0
 
 
 def step_unregister(data: dict) -> None:
-    client = ctrl().client
+    client = ctrl().link.client
     pid = client.worker_pid if client else None
     data["pid_before"] = pid
     # a job in flight when the add-on is disabled: the worker stops and the World comes back
     world, before = _fresh_world_scene()
     bpy.ops.dit360.generate(prompt=PROMPT, seed=6, steps=400, wait=False, **SMALL)
     _run_until(_preview_seen)
-    pid = ctrl().client.worker_pid
+    pid = ctrl().link.client.worker_pid
     data["pid_running"] = pid
     t0 = time.monotonic()
     bpy.ops.preferences.addon_disable(module=harness.MODULE)

@@ -1,0 +1,154 @@
+"""The timer pump: what runs the add-on's background work on Blender's main thread.
+
+`PUMP` holds the link to the worker (link.py), the current generation (generation.py) and the
+set-up tasks (setup_tasks.py). `Pump.tick()` is a plain method (the timer calls it; tests and
+`api.generate_world(wait=True)` call it themselves, because `bpy.app.timers` never fire in
+`blender -b` or in the bpy module): it drains the worker's events and the tasks' output with a
+bounded amount of work, routes each event to the generation it belongs to, stops an idle worker,
+and returns when it wants to run again (None: nothing to do).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+
+import bpy
+
+from .common import runtime, short, tag_redraw
+from .errors import GenerationError
+from .generation import Generation, submit
+from .link import WorkerLink
+from .setup_tasks import SetupTasks
+
+ACTIVE_INTERVAL_S = 0.1
+IDLE_INTERVAL_S = 2.0
+MAX_EVENTS_PER_TICK = 64  # bounded work per tick: Blender stays responsive whatever arrives
+
+
+class Pump:
+    def __init__(self) -> None:
+        self.link = WorkerLink(wake=ensure_timer)
+        self.setup = SetupTasks(self.link, wake=ensure_timer)
+        self.job: Generation | None = None  # the last generation submitted (done or not)
+        self._backlog: deque[dict] = deque()  # events polled but not handled yet (bounded ticks)
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and not self.job.done
+
+    def start_generation(self, scene: bpy.types.Scene, **overrides: object) -> Generation:
+        """Submit a job with the scene's panel settings (`overrides` win); returns at once.
+
+        Raises GenerationError when it cannot even be submitted (busy, no Python, bad values)."""
+        if self.busy:
+            raise GenerationError(
+                "busy", "A world is already being generated.", "Wait for it, or press Cancel."
+            )
+        self.job = submit(scene, self.link, **overrides)
+        self.link.note_busy()
+        ensure_timer()
+        tag_redraw()
+        return self.job
+
+    def cancel(self) -> bool:
+        """Ask the worker to stop the job; its final `cancelled` event restores the World."""
+        if not self.busy:
+            return False
+        state = runtime()
+        if state is not None:
+            state.status = "Cancelling…"
+        return self.link.cancel(self.job.job_id)
+
+    def wait(self, job: Generation, timeout: float | None = None) -> None:
+        """Pump until `job` is done: the blocking path for scripts and `blender -b`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.done:
+            self.tick()
+            if job.done:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                cancel_deadline = time.monotonic() + 30.0
+                while not job.done and time.monotonic() < cancel_deadline:
+                    self.tick()
+                    time.sleep(0.05)
+                raise TimeoutError(f"the world was not generated within {timeout} s")
+            time.sleep(0.02)
+
+    def tick(self) -> float | None:
+        """Handle what arrived; returns the next interval in seconds, or None when idle."""
+        changed = False
+        try:
+            # poll() hands over everything queued; a bounded number is handled per tick and the
+            # rest, in order, on the next one.
+            self._backlog.extend(self.link.poll())
+            for _ in range(min(len(self._backlog), MAX_EVENTS_PER_TICK)):
+                self._on_event(self._backlog.popleft())
+                changed = True
+            changed |= self.setup.pump()
+            if self.busy:
+                self.link.note_busy()
+            else:
+                self.link.stop_if_idle()
+        except Exception:  # a timer that raises is unregistered by Blender: report and keep going
+            traceback.print_exc()
+        if changed:
+            tag_redraw()
+        if self.busy or self.setup.active or self._backlog:
+            return ACTIVE_INTERVAL_S
+        return IDLE_INTERVAL_S if self.link.needs_watching() else None
+
+    def _on_event(self, event: dict) -> None:
+        kind = event.get("type")
+        state = runtime()
+        if kind == "ready":
+            if state is not None:
+                state.worker_info = (
+                    f"Worker ready: torch {event.get('torch_version')} on {event.get('device_name')} "
+                    f"({event.get('device')})"
+                )
+            return
+        job = self.job
+        if job is None or job.done or event.get("job_id") != job.job_id:
+            if kind == "log" and event.get("level") == "error" and state is not None and not self.busy:
+                state.worker_info = short(event.get("message", ""))
+            return  # a stale job's events (e.g. one cancelled by a file load)
+        job.on_event(event)
+
+    def forget_job(self) -> None:
+        """After a file load: the job's scene and Worlds belong to the old file."""
+        if self.busy:
+            self.link.cancel(self.job.job_id)
+        self.job = None
+        state = runtime()
+        if state is not None:
+            state.running = False
+
+    def shutdown(self) -> None:
+        """unregister(): stop the timer, the tasks and the worker; restore a World a job was using."""
+        if bpy.app.timers.is_registered(_timer):
+            bpy.app.timers.unregister(_timer)
+        self.setup.shutdown()
+        if self.busy:
+            try:
+                self.job.drop_preview(restore_world=True)
+            except Exception:
+                traceback.print_exc()
+        self.job = None
+        self.link.shutdown()
+
+
+def _timer() -> float | None:
+    return PUMP.tick()
+
+
+def ensure_timer() -> None:
+    """Start the pump if it is not running (it stops itself when idle). Looked up at call time so a
+    test harness can stand in for `bpy.app.timers`."""
+    if not bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.register(_timer, first_interval=ACTIVE_INTERVAL_S, persistent=True)
+
+
+PUMP = Pump()
