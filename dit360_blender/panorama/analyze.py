@@ -7,6 +7,7 @@ are written next to it.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,14 @@ from .seam import seam_score
 
 
 def analyze(rgb: np.ndarray, sun_share: float = 0.6) -> tuple[dict, HdrResult]:
-    """(metadata {"seam": …, "lighting": …}, the HDR result) for an (H, W, 3) uint8 panorama."""
-    hdr = expand_to_hdr(rgb, sun_share=sun_share)
-    return {"seam": seam_score(rgb).to_dict(), "lighting": hdr.to_dict()}, hdr
+    """(metadata {"seam": …, "lighting": …}, the HDR result) for an (H, W, 3) uint8 panorama.
+
+    The seam score and the HDR expansion are independent and numpy releases the GIL in their
+    array work, so they run side by side (this is on the critical path of every job)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-seam") as pool:
+        seam = pool.submit(seam_score, rgb)
+        hdr = expand_to_hdr(rgb, sun_share=sun_share)
+        return {"seam": seam.result().to_dict(), "lighting": hdr.to_dict()}, hdr
 
 
 def write_lighting_files(png_path: Path, hdr: HdrResult) -> dict[str, str]:

@@ -51,6 +51,7 @@ have no detail at all (a flat image).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -238,10 +239,19 @@ _FACES = {
 
 def _cube_face(luma: np.ndarray, face: str, n: int) -> np.ndarray:
     """Bilinear resampling of an equirectangular (H, W) array onto one n x n cube face."""
+    r0, r1, c0, c1, fr, fc = _cube_face_plan(face, n, *luma.shape)
+    top = luma[r0, c0] * (1 - fc) + luma[r0, c1] * fc
+    bottom = luma[r1, c0] * (1 - fc) + luma[r1, c1] * fc
+    return top * (1 - fr) + bottom * fr
+
+
+@functools.lru_cache(maxsize=12)
+def _cube_face_plan(face: str, n: int, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """Where each face pixel samples the panorama: rows, wrapped columns and the bilinear weights.
+    It depends only on the sizes, so it is computed once per size (every image of a job is the same)."""
     centre, right, down = (np.asarray(a, dtype=np.float64) for a in _FACES[face])
     t = (np.arange(n) + 0.5) / n * 2.0 - 1.0
     d = centre + t[None, :, None] * right + t[:, None, None] * down  # (n, n, 3), not normalised
-    height, width = luma.shape
     # same mapping as sphere.uv_from_direction, written out to stay in pixel units
     col = (0.5 - np.arctan2(d[..., 1], d[..., 0]) / (2 * math.pi)) * width - 0.5
     row = (0.5 - np.arctan2(d[..., 2], np.hypot(d[..., 0], d[..., 1])) / math.pi) * height - 0.5
@@ -251,9 +261,10 @@ def _cube_face(luma: np.ndarray, face: str, n: int) -> np.ndarray:
     fr, fc = row - r0, col - c0
     r1 = np.minimum(r0 + 1, height - 1)
     c0w, c1w = np.mod(c0, width), np.mod(c0 + 1, width)  # columns wrap around the seam
-    top = luma[r0, c0w] * (1 - fc) + luma[r0, c1w] * fc
-    bottom = luma[r1, c0w] * (1 - fc) + luma[r1, c1w] * fc
-    return top * (1 - fr) + bottom * fr
+    plan = (r0, r1, c0w, c1w, fr, fc)
+    for array in plan:
+        array.flags.writeable = False  # shared between calls
+    return plan
 
 
 def _laplacian_energy(face: np.ndarray) -> float:

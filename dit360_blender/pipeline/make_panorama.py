@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,17 +51,31 @@ def make_panorama(
     t0 = time.perf_counter()
     rgb = generation.to_uint8().numpy()
     metadata = {**generation.metadata, "package_version": __version__}
-    files: dict[str, str] = {}
+    hdr_result = None
     if hdr:
         analysis, hdr_result = analyze(rgb, sun_share=sun_share)
         metadata.update(analysis)
-        files = write_lighting_files(out, hdr_result)
-    try:
-        path = save_png(out, rgb, metadata)
-    except Exception:
-        for leftover in files.values():  # no half-written set of files
-            Path(leftover).unlink(missing_ok=True)
-        raise
+    path, files = _write_files(out, rgb, metadata, hdr_result)
     timings = {k: v for k, v in generation.timings.items() if k != "total_s"}
     timings["save_s"] = time.perf_counter() - t0
     return Panorama(path=path, files=files, metadata=metadata, timings=timings)
+
+
+def _write_files(out: Path, rgb, metadata: dict, hdr_result) -> tuple[Path, dict[str, str]]:
+    """The PNG and the two HDRs written side by side (zlib and file I/O release the GIL); if any
+    fails, the others are removed again, so a job leaves all its files or none."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-hdr") as pool:
+        lighting = pool.submit(write_lighting_files, out, hdr_result) if hdr_result is not None else None
+        try:
+            path = save_png(out, rgb, metadata)
+        except BaseException:
+            if lighting is not None and lighting.exception() is None:
+                for leftover in lighting.result().values():
+                    Path(leftover).unlink(missing_ok=True)
+            raise
+        try:
+            files = lighting.result() if lighting is not None else {}
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+    return path, files
