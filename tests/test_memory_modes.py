@@ -70,3 +70,18 @@ def test_streamed_blocks_leave_the_resident_rest_within_the_room():
         if streamed:
             fewer = spread_indices(len(sizes), len(streamed) - 1)
             assert sum(s for i, s in enumerate(sizes) if i not in fewer) > room
+
+
+@pytest.mark.parametrize(
+    "free_gib, budget, roomy",
+    [(80.0, None, True), (39.0, None, False), (80.0, 16.0, False)],
+)
+def test_fp8_keeps_everything_resident_only_on_a_card_with_room(monkeypatch, free_gib, budget, roomy):
+    """No GPU here: the free-memory reading is the one thing faked (memory._free_gib)."""
+    from dit360_blender.pipeline import memory
+
+    monkeypatch.setattr(memory, "_free_gib", lambda device: free_gib)
+    plan = plan_memory("fp8", torch.device("cuda"), budget)
+    assert plan.quantize_fp8 and plan.roomy is roomy
+    assert plan.stream_text_encoder is (not roomy)
+    assert plan.vae_tile == (None if roomy else 128)

@@ -5,7 +5,8 @@
 * `fp8` — the transformer's block weights in fp8 with per-row scales (half the memory, fp8
   matmuls on Ada/Hopper/Blackwell); the T5 encoder stays in pinned host memory and is streamed
   through the GPU block by block while encoding, so it never holds VRAM during sampling.
-  The whole job peaks around 15 GB.
+  The whole job peaks around 15 GB. On a card with room (no budget given, ≥ 40 GiB free) T5
+  stays on the GPU and the decode is untiled instead: the speed of fp8 without the 16 GB layout.
 * `stream` — like `fp8`, and only as many transformer blocks stay on the GPU as the VRAM budget
   allows; the others are copied from pinned host memory one or two blocks ahead on a side
   stream, hidden behind computation as far as the host link allows. CUDA only.
@@ -33,16 +34,18 @@ class MemoryPlan:
     stream_text_encoder: bool
     stream_transformer: bool
     vram_budget: int | None  # bytes, for `stream`
+    roomy: bool = False  # fp8 on a card with room: T5 resident and one untiled decode (faster)
 
     @property
     def vae_tile(self) -> int | None:
         """Latent tile size for the exact tiled VAE decode, or None for one untiled decode.
 
         fp8 decodes in 128-pixel tiles (2 at 2048x1024: about half the untiled peak, little
-        recomputation); stream in 64-pixel tiles (8 tiles, about a quarter of the peak)."""
+        recomputation) unless the card has room; stream in 64-pixel tiles (8 tiles, about a
+        quarter of the peak)."""
         if self.stream_transformer:
             return 64
-        return 128 if self.quantize_fp8 else None
+        return 128 if self.quantize_fp8 and not self.roomy else None
 
 
 def plan_memory(mode: str, device: torch.device, vram_budget_gib: float | None = None) -> MemoryPlan:
@@ -60,7 +63,10 @@ def plan_memory(mode: str, device: torch.device, vram_budget_gib: float | None =
             "Choose 'resident' or 'fp8' (or 'auto').",
         )
     if mode == "fp8":
-        return MemoryPlan("fp8", True, device.type == "cuda", False, None)
+        # With room (no budget given and >= AUTO_RESIDENT_GIB free) nothing is streamed and the
+        # decode is untiled: the 16 GiB layout is for the cards that need it.
+        roomy = device.type == "cuda" and vram_budget_gib is None and _free_gib(device) >= AUTO_RESIDENT_GIB
+        return MemoryPlan("fp8", True, device.type == "cuda" and not roomy, False, None, roomy=roomy)
     if vram_budget_gib is None:
         vram_budget_gib = torch.cuda.mem_get_info(device)[0] / GIB - AUTO_MARGIN_GIB
     if vram_budget_gib < 4:
@@ -71,10 +77,14 @@ def plan_memory(mode: str, device: torch.device, vram_budget_gib: float | None =
     return MemoryPlan("stream", True, True, True, int(vram_budget_gib * GIB))
 
 
+def _free_gib(device: torch.device) -> float:
+    return torch.cuda.mem_get_info(device)[0] / GIB
+
+
 def _auto(device: torch.device, budget_gib: float | None) -> tuple[str, float | None]:
     if device.type != "cuda":
         return "resident", None
-    free = torch.cuda.mem_get_info(device)[0] / GIB
+    free = _free_gib(device)
     if budget_gib is not None:
         free = min(free, budget_gib)
     if free >= AUTO_RESIDENT_GIB:
