@@ -361,7 +361,9 @@ class WorkerClient:
 
     def _env(self, token: str) -> dict[str, str]:
         """The worker's environment, with the launch token: the secrets live only here."""
-        env = worker_env(self.vendor_dir, self._hf_token, self.extra_env)
+        env = worker_env(
+            self.vendor_dir, self._hf_token, self.extra_env, compile_cache=self.log_dir / "compile_cache"
+        )
         env[TOKEN_ENV] = token
         return env
 

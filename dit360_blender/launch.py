@@ -12,12 +12,22 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def worker_env(
-    vendor_dir: Path | None, hf_token: str | None = None, extra: Mapping[str, str] | None = None
+    vendor_dir: Path | None,
+    hf_token: str | None = None,
+    extra: Mapping[str, str] | None = None,
+    compile_cache: Path | None = None,
 ) -> dict[str, str]:
     """This process's environment plus: the vendor folder and this package's parent first on
     PYTHONPATH, unbuffered UTF-8 output, and the Hugging Face token. Secrets travel only here:
-    argv is visible to other users, and nothing is written to a file. `extra` is applied last."""
+    argv is visible to other users, and nothing is written to a file. `extra` is applied last.
+
+    `compile_cache`: where torch.compile keeps its Inductor, FX-graph and AOTAutograd caches, so a
+    new worker recompiles from them in seconds (unless the user set TORCHINDUCTOR_CACHE_DIR)."""
     env = dict(os.environ)  # a token already in Blender's environment still counts
+    if compile_cache is not None and "TORCHINDUCTOR_CACHE_DIR" not in env:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
+        env.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        env.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     if hf_token and hf_token.strip():
         env["HF_TOKEN"] = hf_token.strip()
     paths = ([str(vendor_dir)] if vendor_dir else []) + [str(PACKAGE_DIR.parent)]

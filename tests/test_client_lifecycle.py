@@ -218,3 +218,14 @@ def test_runs_under_the_name_blender_imports_the_add_on_as(tmp_path):
     assert json.loads(proc.stdout)["protocol"] == 1
     log = (tmp_path / "logs" / "worker.log").read_text(encoding="utf-8")
     assert f"package {repo / 'dit360_blender'}" in log  # the copy ran, not the repository's package
+
+
+def test_compile_caches_persist_in_the_clients_folder_unless_the_user_chose_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    env = WorkerClient(log_dir=tmp_path / "user")._env("tok")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "user" / "compile_cache")
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert WorkerClient(log_dir=tmp_path / "user")._env("tok")["TORCHINDUCTOR_CACHE_DIR"] == str(
+        tmp_path / "mine"
+    )
