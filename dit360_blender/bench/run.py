@@ -126,11 +126,13 @@ class Bench:
     def _worker_variants(self, work: Path) -> None:
         launches = [name.strip() for name in self.args.worker.split(",") if name.strip()]
         results = self.results.setdefault("worker", [])
+        user_dir = work / "worker-user-folder"
+        user_dir.mkdir(exist_ok=True)
         for name in launches:
             _free()
             try:
                 record = worker_jobs(
-                    work, WORKER_VARIANTS[name], self.width, self.height, self.args.steps,
+                    work, user_dir, WORKER_VARIANTS[name], self.width, self.height, self.args.steps,
                     self.device if self.cuda else None,
                 )  # fmt: skip
             except Exception as exc:  # one failing variant must not lose the others' numbers

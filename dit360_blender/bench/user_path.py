@@ -66,11 +66,18 @@ WORKER_VARIANTS: dict[str, dict] = {
 
 
 def worker_jobs(
-    models_dir: Path, variant: dict, width: int, height: int, steps: int, device: torch.device | None
+    models_dir: Path,
+    user_dir: Path,
+    variant: dict,
+    width: int,
+    height: int,
+    steps: int,
+    device: torch.device | None,
 ) -> dict:
-    """One worker launch of `variant` (job parameters): ready time, cold and warm job figures."""
-    log_dir = Path(tempfile.mkdtemp(prefix="dit360-bench-worker-"))
-    out_dir = log_dir / "out"
+    """One worker launch of `variant` (job parameters): ready time, cold and warm job figures.
+    `user_dir` plays the add-on's user folder: its compile cache is shared by every launch."""
+    log_dir = user_dir
+    out_dir = Path(tempfile.mkdtemp(prefix="out-", dir=user_dir))
     watch = VramWatch(device) if device is not None else None
     t0 = time.perf_counter()
     client = WorkerClient(log_dir=log_dir, extra_env={"HF_HUB_OFFLINE": "1"})
