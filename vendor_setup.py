@@ -25,7 +25,8 @@ Other options:
                       path to a wheel; without an explicit --torch it implies --torch local.
   --check        report which runtime packages import (and their versions) and the torch device for
                  the chosen target/venv/dev venv (or this interpreter); exit 1 if one is missing.
-                 Add --json for one machine-readable JSON object.
+                 Add --json for one machine-readable line: a `deps` message in the add-on's
+                 child-process framing (dit360_blender/protocol.py).
   --dry-run      print the commands only.
   --force        ignore the "already installed" stamp and pass --force-reinstall to pip.
 
@@ -40,6 +41,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -430,6 +432,24 @@ def print_report(report: dict) -> None:
         log(f"missing: {', '.join(report['missing'])}")
 
 
+def deps_message(report: dict) -> bytes:
+    """The report as one `deps` frame of the add-on's protocol (what the add-on's check reads)."""
+    protocol = import_protocol()
+    return protocol.encode(protocol.message("deps", **report))
+
+
+def import_protocol():
+    """The add-on's protocol module, imported by its package name as the worker is (the package's
+    parent folder first on sys.path): this script runs as a plain file, and the protocol imports its
+    siblings. The package is this file's folder in the built zip, dit360_blender/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    for package in (here, here / ADDON_PACKAGE):
+        if (package / "__init__.py").is_file() and (package / "protocol.py").is_file():
+            sys.path.insert(0, str(package.parent))
+            return importlib.import_module(f"{package.name}.protocol")
+    raise SetupError(f"the add-on's protocol.py is neither beside {__file__} nor in {here / ADDON_PACKAGE}")
+
+
 def check_names(dev: bool, packages: list[str] | None) -> tuple[list[str], list[str]]:
     """(distributions to import, distributions only looked up in metadata) for --check."""
     if packages is not None:
@@ -631,7 +651,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     report = run_check(python, target, dists, meta)
     if args.json:
-        print(json.dumps(report), flush=True)
+        sys.stdout.buffer.write(deps_message(report))
+        sys.stdout.buffer.flush()
     else:
         print_report(report)
     return 0 if report["ok"] else 1
@@ -656,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch", choices=TORCH_CHOICES, help="torch build (default: auto; --dev: local)")
     p.add_argument("--torch-index", metavar="URL", help="index URL for --torch cuda/cpu")
     p.add_argument("--check", action="store_true", help="report what imports, and the torch device")
-    p.add_argument("--json", action="store_true", help="with --check: print one JSON object")
+    p.add_argument("--json", action="store_true", help="with --check: print one `deps` protocol message")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--force", action="store_true", help="reinstall even when the stamp matches")
     # Testing aid: install/check only these packages (comma separated names or requirements).

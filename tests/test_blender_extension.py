@@ -436,6 +436,15 @@ def test_models_check_download_progress_and_gated_explanation(scenario):
     assert d["token_in_logs"] is False and d["token_in_prefs_type"] == "PASSWORD"
 
 
+def test_a_refused_or_oversized_child_line_is_logged_and_the_download_goes_on(scenario):
+    d = step(scenario, "child_messages")
+    assert d["state"] == "OK" and d["status"].startswith("Download complete") and not d["error"], d
+    assert d["files"] == [["ae.safetensors", 100.0, 100.0, 1.0]]  # nothing of the refused message
+    assert "some library's own output" in d["log"]
+    assert "not a message: bad_message: download_progress: field 'done' is missing" in d["log"]
+    assert "exceeded the 1048576-byte limit and was discarded" in d["log"] and "x" * 100 not in d["log"]
+
+
 # -- UI --------------------------------------------------------------------------------------------
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dit360_blender.protocol import CHILD_MESSAGES, decode
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "vendor_setup.py"
@@ -429,3 +432,31 @@ def test_real_target_install_of_einops(tmp_path):
         timeout=60,
     )
     assert missing.returncode == 1 and "MISSING" in missing.stdout
+
+
+# --- --check --json: one message in the add-on's child-process framing -----------------------------
+
+
+def check_json(script: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, str(script), "--check", "--json", "--packages", "json"]
+    proc = subprocess.run(cmd, env=env, cwd=script.parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [line] = proc.stdout.splitlines()
+    return decode(line, CHILD_MESSAGES)
+
+
+def test_check_json_is_one_deps_message():
+    msg = check_json(SCRIPT)
+    assert msg["v"] == 1 and msg["type"] == "deps" and msg["ok"] and msg["missing"] == []
+    assert msg["packages"]["json"]["version"] and msg["python"] and msg["target"] is None
+
+
+def test_check_json_finds_the_protocol_beside_it_as_in_the_zip(tmp_path):
+    """In the built zip vendor_setup.py sits beside the add-on's __init__.py and protocol.py."""
+    addon = tmp_path / "user_default" / "dit360_blender"
+    shutil.copytree(ROOT / "dit360_blender", addon, ignore=shutil.ignore_patterns("__pycache__", "bench"))
+    shutil.copytree(ROOT / "requirements", addon / "requirements")
+    shutil.copy2(SCRIPT, addon / "vendor_setup.py")
+    msg = check_json(addon / "vendor_setup.py")
+    assert msg["type"] == "deps" and msg["ok"]

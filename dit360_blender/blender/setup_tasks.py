@@ -1,12 +1,12 @@
 """The set-up work the preferences start, each in a child process of its own (tasks.py): check the
 worker's Python (`vendor_setup.py --check`), install its packages (`vendor_setup.py --target`),
-look for the model files and download them (`worker/download.py`). Their output becomes the
-WindowManager's dependency and model state; one task of each name at a time.
+look for the model files and download them (`worker/download.py`). Their messages (the
+protocol's child messages) and, for pip, their text lines become the WindowManager's dependency
+and model state; one task of each name at a time.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 
@@ -18,7 +18,7 @@ from .errors import GenerationError
 from .link import COMPONENTS, WorkerLink
 from .tasks import BackgroundTask
 
-MAX_LINES_PER_TICK = 200
+MAX_ITEMS_PER_TICK = 200  # bounded work per tick; the rest waits in the task's queue
 
 
 class SetupTasks:
@@ -26,12 +26,12 @@ class SetupTasks:
         self.tasks: dict[str, BackgroundTask] = {}
         self._link = link
         self._wake = wake  # starts the timer pump that drains the tasks
-        # name -> (one output line, the exit code once every line was handled)
+        # name -> (one item of its output: a child message or a text line, its exit once all is handled)
         self._handlers = {
-            "install": (self._install_line, self._install_exit),
-            "deps_check": (self._deps_line, self._deps_exit),
-            "models_check": (self._models_line, self._models_exit),
-            "download": (self._download_line, self._download_exit),
+            "install": (self._install_item, self._install_exit),
+            "deps_check": (_ignore, self._deps_exit),  # its one `deps` message is read at the exit
+            "models_check": (self._models_item, self._models_exit),
+            "download": (self._download_item, self._download_exit),
         }
 
     def running(self, name: str) -> bool:
@@ -62,12 +62,12 @@ class SetupTasks:
         """Handle what the tasks wrote (a bounded amount); True when something changed."""
         changed = False
         for name, task in list(self.tasks.items()):
-            on_line, on_exit = self._handlers[name]
-            lines = task.lines()[:MAX_LINES_PER_TICK]
-            for line in lines:
-                on_line(task, line)
-            changed |= bool(lines)
-            if task.done and not task.lines():
+            on_item, on_exit = self._handlers[name]
+            items = task.take(MAX_ITEMS_PER_TICK)
+            for item in items:
+                on_item(task, item)
+            changed |= bool(items)
+            if task.done:
                 self.tasks.pop(name, None)
                 on_exit(task, task.returncode)
                 changed = True
@@ -125,10 +125,10 @@ class SetupTasks:
             state.install_log = str(task.log_path)
             state.install_elapsed = 0.0
 
-    def _install_line(self, task: BackgroundTask, line: str) -> None:
+    def _install_item(self, task: BackgroundTask, item: str | dict) -> None:
         state = runtime()
-        if state is not None and line.strip():
-            state.install_status = short(line)
+        if state is not None and isinstance(item, str) and item.strip():
+            state.install_status = short(item)
 
     def _install_exit(self, task: BackgroundTask, code: int | None) -> None:
         state = runtime()
@@ -144,18 +144,11 @@ class SetupTasks:
                 errors[-1] if errors else (task.tail[-1] if task.tail else f"exit {code}")
             )
 
-    def _deps_line(self, task: BackgroundTask, line: str) -> None:
-        if line.startswith("{"):
-            try:
-                task.report = json.loads(line)
-            except ValueError:
-                pass
-
     def _deps_exit(self, task: BackgroundTask, code: int | None) -> None:
         state = runtime()
         if state is None:
             return
-        report = getattr(task, "report", None)
+        report = task.last.get("deps")
         if report is None:
             state.deps_state = "MISSING"
             tail = [t for t in task.tail if t.strip()]
@@ -239,51 +232,49 @@ class SetupTasks:
             state.models_state = "OK"
             state.models_summary = "All model files found."
 
-    def _models_line(self, task: BackgroundTask, line: str) -> None:
-        event = _json_event(line)
+    def _models_item(self, task: BackgroundTask, item: str | dict) -> None:
+        kind = item.get("type") if isinstance(item, dict) else None
         state = runtime()
-        if event is not None and event.get("event") == "found":
-            self._found(event["components"])
-            task.found = True
-        elif event is not None and event.get("event") == "error" and state is not None:
-            state.models_state, state.models_summary = "FAILED", short(event.get("message", ""))
+        if kind == "found":
+            self._found(item["components"])
+        elif kind == "error" and state is not None:
+            state.models_state, state.models_summary = "FAILED", short(item["message"])
 
     def _models_exit(self, task: BackgroundTask, code: int | None) -> None:
         state = runtime()
-        if not getattr(task, "found", False) and state is not None and state.models_state == "CHECKING":
+        if "found" not in task.last and state is not None and state.models_state == "CHECKING":
             tail = [t for t in task.tail if t.strip()]
             state.models_state = "FAILED"
             state.models_summary = short(
                 "Could not check (install the dependencies first): " + (tail[-1] if tail else f"exit {code}")
             )
 
-    def _download_line(self, task: BackgroundTask, line: str) -> None:
+    def _download_item(self, task: BackgroundTask, item: str | dict) -> None:
         state = runtime()
-        event = _json_event(line)
-        if state is None or event is None:
-            return
-        kind = event.get("event")
+        if state is None or not isinstance(item, dict):
+            return  # text (huggingface_hub's output, a traceback) is only logged
+        kind = item["type"]
         if kind == "found":
-            missing = [c for c in COMPONENTS if not event["components"].get(c)]
+            missing = [c for c in COMPONENTS if not item["components"].get(c)]
             state.download_status = (
                 f"Downloading: {', '.join(missing)}" if missing else "All files are already there."
             )
-        elif kind == "file":
-            entry = next((f for f in state.download_files if f.name == event["file"]), None)
+        elif kind == "download_progress":
+            entry = next((f for f in state.download_files if f.name == item["file"]), None)
             if entry is None:
                 entry = state.download_files.add()
-                entry.name = event["file"]
-            entry.done, entry.total = float(event["done"]), float(event["total"])
+                entry.name = item["file"]
+            entry.done, entry.total = float(item["done"]), float(item["total"])
             entry.progress = min(1.0, entry.done / entry.total) if entry.total else 0.0
-            state.download_status = f"Downloading {event['file']}"
-        elif kind == "done":
-            self._found(event["components"])
+            state.download_status = f"Downloading {item['file']}"
+        elif kind == "downloaded":
+            self._found(item["components"])
             state.download_status = "Download complete: all model files are there."
         elif kind == "error":
             state.models_state = "FAILED"
-            state.download_code = event.get("code", "")
-            state.download_error = event.get("message", "")
-            state.download_hint = event.get("hint", "")
+            state.download_code = item["code"]
+            state.download_error = item["message"]
+            state.download_hint = item["hint"]
             state.download_status = "Download failed."
 
     def _download_exit(self, task: BackgroundTask, code: int | None) -> None:
@@ -295,11 +286,5 @@ class SetupTasks:
             )
 
 
-def _json_event(line: str) -> dict | None:
-    if not line.startswith("{"):
-        return None
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None
+def _ignore(task: BackgroundTask, item: str | dict) -> None:
+    """For a task whose output matters only once it has exited."""

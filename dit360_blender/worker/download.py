@@ -1,4 +1,4 @@
-"""Find or download the model files in a process of its own, reporting as JSON lines on stdout.
+"""Find or download the model files in a process of its own, reporting in the protocol's framing.
 
 ``python -m dit360_blender.worker.download [--check] [--models-dir DIR] [--path COMPONENT=PATH ...]``
 
@@ -6,21 +6,16 @@ The Blender add-on runs this with the worker's Python (the one that has huggingf
 importing the Hub code into Blender itself. The Hugging Face token comes from the ``HF_TOKEN``
 environment variable only: argv is visible to every user in process lists.
 
-Every stdout line is one JSON object with an ``event`` key:
-
-* ``{"event": "found", "components": {name: path-or-null}}`` — what is present (``--check``, and
-  first thing before a download);
-* ``{"event": "file", "file": name, "done": bytes, "total": bytes}`` — download progress of one
-  repo file (``total`` 0 when unknown), at most every 0.2 s per file plus its last update;
-* ``{"event": "done", "components": {name: path}}`` — everything is present (exit code 0);
-* ``{"event": "error", "code": ..., "message": ..., "hint": ...}`` — exit code 1 (``--check``
-  with missing files is not an error: it reports ``found`` and exits 0).
+stdout carries the child messages of ``protocol.py`` (one frame per line, ``CHILD_MESSAGES``):
+``found`` (what is present: with ``--check``, and first thing before a download), then
+``download_progress`` per repo file (at most every 0.2 s per file, plus its last update), and
+``downloaded`` (exit code 0) or ``error`` (exit code 1). ``--check`` with missing files is not an
+error: it reports ``found`` and exits 0. Tracebacks go to stderr (the add-on's log).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,12 +24,15 @@ from ..pipeline.errors import DiT360Error
 from ..pipeline.model_files.catalogue import COMPONENTS
 from ..pipeline.model_files.download import download_models, resolve_model_paths
 from ..pipeline.model_files.local_search import find_model_paths
+from ..protocol import encode, error, message
 
 REPORT_EVERY_S = 0.2
 
 
-def _emit(**event: object) -> None:
-    print(json.dumps(event, ensure_ascii=False), flush=True)
+def _emit(msg: dict) -> None:
+    sys.stdout.flush()  # anything a library printed goes first, then the frame, whole
+    sys.stdout.buffer.write(encode(msg))
+    sys.stdout.buffer.flush()
 
 
 def _paths(found: dict) -> dict[str, str | None]:
@@ -63,7 +61,7 @@ class _Progress:
         final = bool(total) and done >= total
         if final or now - self.last.get(filename, 0.0) >= REPORT_EVERY_S:
             self.last[filename] = now
-            _emit(event="file", file=filename, done=int(done), total=int(total))
+            _emit(message("download_progress", file=filename, done=int(done), total=int(total)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     use_lora = not args.no_lora
     try:
         found = find_model_paths(explicit or None, args.models_dir, use_lora=use_lora)
-        _emit(event="found", components=_paths(found))
+        _emit(message("found", components=_paths(found)))
         if args.check:
             return 0
         missing = [c for c in COMPONENTS if found[c] is None and (c != "lora" or use_lora)]
@@ -90,23 +88,24 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 paths = download_models(args.models_dir, progress=_Progress(), use_lora=use_lora)
             found = paths.as_dict()
-        _emit(event="done", components=_paths(found))
+        _emit(message("downloaded", components=_paths(found)))
         return 0
     except DiT360Error as exc:
-        _emit(event="error", code=exc.code, message=exc.message, hint=exc.hint)
+        _emit(error(exc.code, exc.message, exc.hint))
         return 1
     except KeyboardInterrupt:
-        _emit(event="error", code="cancelled", message="The download was stopped.", hint="")
+        _emit(error("cancelled", "The download was stopped."))
         return 1
     except Exception as exc:  # the add-on shows this; the traceback goes to stderr (its log)
         import traceback
 
         traceback.print_exc()
         _emit(
-            event="error",
-            code="internal",
-            message=f"Unexpected failure: {type(exc).__name__}: {exc}"[:2000],
-            hint="See the download log (add-on Preferences, Models) and report it.",
+            error(
+                "internal",
+                f"Unexpected failure: {type(exc).__name__}: {exc}"[:2000],
+                "See the download log (add-on Preferences, Models) and report it.",
+            )
         )
         return 1
 

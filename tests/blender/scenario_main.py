@@ -489,6 +489,40 @@ def step_models(data: dict) -> None:
     p.hf_token = ""
 
 
+# A download child (standing in for worker/download.py, run as the worker's "Python") that mixes a
+# refused message, plain text and an oversized line into good messages.
+FAKE_DOWNLOAD_CHILD = """#!{python}
+import sys
+from dit360_blender.protocol import MAX_MESSAGE_BYTES, encode, message
+out = sys.stdout.buffer
+components = dict(transformer="t", vae=None, text_encoder="c", tokenizer="c", text_encoder_2="c",
+                  tokenizer_2="c", lora="l")
+out.write(encode(message("found", components=components)))
+out.write(b"some library's own output\\n")
+out.write(b'{{"v": 1, "type": "download_progress", "file": "bad.bin"}}\\n')
+out.write(b"x" * (MAX_MESSAGE_BYTES + 100) + b"\\n")
+out.write(encode(message("download_progress", file="ae.safetensors", done=50, total=100)))
+out.write(encode(message("download_progress", file="ae.safetensors", done=100, total=100)))
+out.write(encode(message("downloaded", components=dict(components, vae="ae.safetensors"))))
+"""
+
+
+def step_child_messages(data: dict) -> None:
+    p = addon_prefs()
+    s = wm_state()
+    fake = WORK / "fake_download_child.py"
+    fake.write_text(FAKE_DOWNLOAD_CHILD.format(python=sys.executable), encoding="utf-8")
+    fake.chmod(0o755)
+    p.python_source = "CUSTOM"
+    p.python_path = str(fake)
+    bpy.ops.dit360.download_models()
+    _run_until(_task_done("download"), timeout=60)
+    data.update(state=s.models_state, status=s.download_status, error=s.download_error,
+                files=[(f.name, f.done, f.total, f.progress) for f in s.download_files],
+                log=Path(s.download_log).read_text(encoding="utf-8", errors="replace")[-4000:])  # fmt: skip
+    p.python_path = WORKER_PY
+
+
 # -- history, panels, preview lighting ---------------------------------------------------------------
 
 
@@ -682,6 +716,7 @@ ORDER = [
     ("render_cycles", step_render_cycles),
     ("dependencies", step_dependencies),
     ("models", step_models),
+    ("child_messages", step_child_messages),
     ("panels", step_panels),
     ("preview_lighting", step_preview_lighting),
     ("idle_stop", step_idle_stop),
