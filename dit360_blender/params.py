@@ -167,9 +167,9 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "dtype", "choice", "auto", "Precision", "Number format of the model",
         choices=_choices(
-            ("auto", "Auto", "bf16 on GPUs, fp32 on the CPU"),
-            ("bf16", "bf16", "Half the memory of fp32; recommended on recent GPUs"),
-            ("fp16", "fp16", "For GPUs without bf16"),
+            ("auto", "Auto", "fp16 on CUDA and Apple MPS (as DiT360 runs), fp32 on the CPU"),
+            ("bf16", "bf16", "Half the memory of fp32, wider range but coarser than fp16"),
+            ("fp16", "fp16", "DiT360's own precision, with the reference's overflow clamps"),
             ("fp32", "fp32", "Most memory; for CPU"),
         ),
         cli="--dtype", blender="prefs",

@@ -20,19 +20,21 @@ PROMPT = "This is a panorama. A quiet harbour at dawn, boats, mist over the wate
 WIDTH, HEIGHT, STEPS = 128, 64, 5
 
 
-def reference_dit360(flux_dir, lora_dir, prompt, noise, steps, guidance, width, height):
+def reference_dit360(flux_dir, lora_dir, prompt, noise, steps, guidance, width, height, dtype=torch.float32):
+    """DiT360's pipeline in `dtype` (DiT360 itself runs float16: every component loaded in it,
+    the latents kept in it between steps as diffusers' FluxPipeline does)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(flux_dir / "scheduler"),
-        vae=AutoencoderKL.from_pretrained(flux_dir / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(flux_dir / "text_encoder", dtype=torch.float32),
+        vae=AutoencoderKL.from_pretrained(flux_dir / "vae", torch_dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(flux_dir / "text_encoder", dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(flux_dir / "tokenizer"),
-        text_encoder_2=T5EncoderModel.from_pretrained(flux_dir / "text_encoder_2", dtype=torch.float32),
+        text_encoder_2=T5EncoderModel.from_pretrained(flux_dir / "text_encoder_2", dtype=dtype),
         tokenizer_2=T5TokenizerFast.from_pretrained(flux_dir / "tokenizer_2"),
-        transformer=FluxTransformer2DModel.from_pretrained(flux_dir / "transformer"),
+        transformer=FluxTransformer2DModel.from_pretrained(flux_dir / "transformer", torch_dtype=dtype),
     )
     if lora_dir is not None:  # None: plain FLUX.1-dev with DiT360's sampling
         pipe.load_lora_weights(str(lora_dir), weight_name="adapter_model.safetensors")
@@ -41,7 +43,7 @@ def reference_dit360(flux_dir, lora_dir, prompt, noise, steps, guidance, width, 
             prompt=prompt, prompt_2=None, max_sequence_length=512
         )
         n_h, n_w = height // 16, width // 16
-        latents = pipe._pack_latents(noise, 1, 16, height // 8, width // 8)
+        latents = pipe._pack_latents(noise.to(dtype), 1, 16, height // 8, width // 8)
         ids = pipe._prepare_latent_image_ids(1, n_h, n_w, "cpu", torch.float32)
         # DiT360: one wrapped column per side, for the latents and for their position ids
         grid = latents.reshape(1, n_h, n_w, -1)
@@ -78,7 +80,7 @@ def reference_dit360(flux_dir, lora_dir, prompt, noise, steps, guidance, width, 
         latents = pipe._unpack_latents(latents, height, width + 1, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         image = pipe.vae.decode(latents, return_dict=False)[0]
-    return (image[0] / 2 + 0.5).clamp(0, 1)
+    return (image[0].float() / 2 + 0.5).clamp(0, 1)
 
 
 @pytest.fixture(scope="module")

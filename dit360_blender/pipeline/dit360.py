@@ -334,11 +334,18 @@ def _place_for_streaming(
 
 
 def resolve_dtype(value: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """A precision name (or 'auto': bf16 on GPUs, fp32 on the CPU) as a torch dtype."""
+    """A precision name as a torch dtype; 'auto' is fp16 on CUDA and MPS, fp32 on the CPU.
+
+    fp16 is DiT360's own precision: its inference loads FLUX.1-dev in float16 and the LoRA was
+    trained in 16-bit mixed precision. The transformer clamps where diffusers does in fp16
+    (flux_layers), and T5 keeps transformers' fp32 output projections (text_encoders). On MPS
+    fp16 also runs on every macOS that has MPS, where bf16 needs macOS 14. On the CPU half
+    precision is slower than fp32, so fp32 there. bf16 stays selectable.
+    """
     if isinstance(value, torch.dtype):
         return value
     if value == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return torch.float32 if device.type == "cpu" else torch.float16
     if value not in DTYPES:
         raise BadParametersError(f"Unknown precision {value!r}.", f"Choose one of {', '.join(DTYPES)}.")
     return DTYPES[value]
