@@ -21,15 +21,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # Positions and attention
 
 
-def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
-    """Rotation matrices (…, n, dim/2, 2, 2) for positions `pos` (…, n) on one axis.
+def rope_dtype(device_type: str) -> torch.dtype:
+    """float64 for the angles, as the diffusers reference uses; float32 on Apple MPS, which has
+    no float64 (diffusers does the same there). At our positions (< 600) float32 angles are off
+    by under 1e-4 rad."""
+    return torch.float32 if device_type == "mps" else torch.float64
 
-    Frequencies are computed in float64, as the diffusers reference does, so that large
-    position ids stay exact.
+
+def rope(pos: Tensor, dim: int, theta: int, device_type: str | None = None) -> Tensor:
+    """Rotation matrices (…, n, dim/2, 2, 2) in float32 for positions `pos` (…, n) on one axis.
+
+    `device_type` (default: that of `pos`) picks the precision of the angles (`rope_dtype`).
     """
-    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
+    dtype = rope_dtype(device_type or pos.device.type)
+    scale = torch.arange(0, dim, 2, dtype=dtype, device=pos.device) / dim
     omega = 1.0 / (theta**scale)
-    angles = torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)
+    angles = torch.einsum("...n,d->...nd", pos.to(dtype), omega)
     cos, sin = torch.cos(angles), torch.sin(angles)
     rot = torch.stack([cos, -sin, sin, cos], dim=-1)
     return rearrange(rot, "... n d (i j) -> ... n d i j", i=2, j=2).float()

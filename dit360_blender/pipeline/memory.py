@@ -11,7 +11,9 @@
   allows; the others are copied from pinned host memory one or two blocks ahead on a side
   stream, hidden behind computation as far as the host link allows. CUDA only.
 * `auto` — picks from the free VRAM: resident ≥ 40 GiB, fp8 ≥ 20 GiB, else stream with the free
-  memory (less a margin) as the budget.
+  memory (less a margin) as the budget; resident on Apple MPS and the CPU.
+
+Apple MPS has no float8, so `fp8` and `stream` are refused there.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def plan_memory(mode: str, device: torch.device, vram_budget_gib: float | None =
         mode, vram_budget_gib = _auto(device, vram_budget_gib)
     if mode == "resident":
         return MemoryPlan("resident", False, False, False, None)
+    if device.type == "mps":
+        raise DeviceError(
+            f"The '{mode}' memory mode stores the transformer in fp8, which Apple MPS can't hold: "
+            "PyTorch's MPS backend has no float8 tensors.",
+            "On a Mac choose the 'resident' memory mode (or 'auto') with fp16 precision.",
+        )
     if device.type != "cuda" and mode == "stream":
         raise DeviceError(
             f"The 'stream' memory mode needs a CUDA GPU; this job runs on {device.type}.",
