@@ -178,7 +178,7 @@ class DiT360Pipeline:
             quantize_fp8=plan.quantize_fp8,
             work_device=device,
         )
-        enable_fp8_matmul(transformer, device)
+        enable_fp8_matmul(transformer, device, dtype)
         if compile == "auto":
             compile = _can_compile(plan, device)
         if compile:

@@ -1,21 +1,28 @@
 """fp8 (e4m3) Linear layers: weights stored in fp8 with one scale per output row.
 
-On GPUs with fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell) the matmul runs
-in fp8 through `torch._scaled_mm`, with the activations quantised per token on the fly; elsewhere
-(older GPUs, MPS, CPU, or a batch of fewer than 16 rows such as the modulation's single
-conditioning vector) the weight is dequantised to the compute dtype per call. Either way the
-weights take half the memory of bf16.
+On a GPU where a row-wise fp8 `torch._scaled_mm` works (tried once at load: fp8 tensor cores are
+Ada, Hopper, Blackwell, but the PyTorch build, the driver and ROCm decide too) the matmul runs in
+fp8, with the activations quantised per token on the fly; elsewhere (older GPUs, MPS, CPU, or a
+batch of fewer than 16 rows such as the modulation's single conditioning vector) the weight is
+dequantised to the compute dtype per call. Either way the weights take half the memory of bf16.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+logger = logging.getLogger(__name__)
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 _MIN_SCALED_MM_ROWS = 16  # _scaled_mm needs every dimension to be a multiple of 16
+# Where fp8 matmuls can beat upcasting: GPUs (ROCm builds report "cuda" too). On the CPU they run
+# but gain nothing, and quantising the activations costs accuracy.
+SCALED_MM_DEVICES = ("cuda",)
 
 
 def quantize_rowwise(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -25,18 +32,13 @@ def quantize_rowwise(weight: Tensor) -> tuple[Tensor, Tensor]:
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def fp8_matmul_supported(device: torch.device) -> bool:
-    """fp8 tensor cores: CUDA compute capability 8.9 or newer."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 class Fp8Linear(nn.Module):
     """A Linear with an fp8 weight and a per-row (or per-tensor, broadcast) fp32 scale."""
 
-    use_scaled_mm = False  # set per model by `enable_fp8_matmul`
+    # set per model by `enable_fp8_matmul`, from what the probe found
+    use_scaled_mm = False
     fuse_bias = False
+    scaled_out_dtype = torch.bfloat16
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -50,7 +52,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.use_scaled_mm and rows % _MIN_SCALED_MM_ROWS == 0 and x.is_cuda:
+        if self.use_scaled_mm and rows % _MIN_SCALED_MM_ROWS == 0:
             return self._scaled_forward(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         if x.dtype == torch.float16:  # fp16 could overflow on unscaled fp8 values (up to 448)
@@ -63,7 +65,7 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
         xq = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        out_dtype = self.scaled_out_dtype
         bias = self.bias.to(out_dtype) if self.bias is not None else None
         scale_b = self.scale_weight.t().contiguous()
         fused_bias = bias if self.fuse_bias else None
@@ -75,30 +77,51 @@ class Fp8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def _scaled_mm_takes_bias(device: torch.device) -> bool:
-    """Some PyTorch builds refuse a bias together with row-wise scales: ask once."""
-    a = torch.ones(16, 16, device=device).to(FP8)
-    b = torch.ones(16, 16, device=device).to(FP8)
-    ones = torch.ones(16, 1, device=device)
+def probe_scaled_mm(device: torch.device, out_dtype: torch.dtype) -> tuple[bool, bool]:
+    """(a row-wise fp8 `torch._scaled_mm` giving `out_dtype` runs on `device` and is right, it
+    also takes a fused bias), found by trying one 16x32 @ 32x16 product."""
+    gen = torch.Generator().manual_seed(0)
+    a, a_scale = quantize_rowwise(torch.randn(16, 32, generator=gen).to(device))
+    b, b_scale = quantize_rowwise(torch.randn(16, 32, generator=gen).to(device))
+    bias = torch.randn(16, generator=gen).to(device, out_dtype)
+    expected = (a.float() * a_scale) @ (b.float() * b_scale).t()
     try:
-        torch._scaled_mm(
-            a,
-            b.t(),
-            scale_a=ones,
-            scale_b=ones.t(),
-            bias=torch.zeros(16, device=device, dtype=torch.bfloat16),
-            out_dtype=torch.bfloat16,
-        )
-        return True
-    except RuntimeError:
+        out = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=out_dtype)
+    except Exception as exc:  # RuntimeError, NotImplementedError, ...: whatever this build raises
+        logger.info("fp8 matmul (%s out) unavailable on %s: %s", out_dtype, device, _first_line(exc))
+        return False, False
+    # out_dtype rounding only (bf16: 2^-8); a wrong kernel is off by far more
+    if (out.float() - expected).abs().max() > 1e-2 * expected.abs().max():
+        logger.warning("fp8 matmul on %s gives wrong results; not using it", device)
+        return False, False
+    try:
+        torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.t(), bias=bias, out_dtype=out_dtype)
+    except Exception:  # some builds refuse a bias together with row-wise scales
+        return True, False
+    return True, True
+
+
+def enable_fp8_matmul(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Use fp8 matmuls in the model's Fp8Linear layers if the probe finds they work on `device`,
+    with results in the compute `dtype` where the build allows (else bf16, then cast); otherwise
+    they upcast the weights, and a log line says so."""
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    if not layers:
         return False
-
-
-def enable_fp8_matmul(model: nn.Module, device: torch.device) -> bool:
-    """Use fp8 tensor-core matmuls in the model's Fp8Linear layers where the device has them."""
-    enabled = fp8_matmul_supported(device)
-    fuse_bias = enabled and _scaled_mm_takes_bias(device)
-    for module in model.modules():
-        if isinstance(module, Fp8Linear):
-            module.use_scaled_mm, module.fuse_bias = enabled, fuse_bias
+    enabled, fuse_bias, out_dtype = False, False, torch.bfloat16
+    if device.type in SCALED_MM_DEVICES:
+        half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        for out_dtype in dict.fromkeys((half, torch.bfloat16)):
+            enabled, fuse_bias = probe_scaled_mm(device, out_dtype)
+            if enabled:
+                break
+    if not enabled:
+        logger.info("fp8 weights on %s are upcast to %s per layer (no fp8 matmul there)", device, dtype)
+    for layer in layers:
+        layer.use_scaled_mm, layer.fuse_bias, layer.scaled_out_dtype = enabled, fuse_bias, out_dtype
     return enabled
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
