@@ -4,7 +4,9 @@
   `model.diffusion_model.` (all-in-one files);
 * a diffusers `transformer/` folder (split q/k/v, fused here on load) or a diffusers-keyed file;
 * fp8 e4m3fn files (Kijai-style unscaled, or ComfyUI-style with `.scale_weight` per tensor):
-  the Linear weights stay fp8 in memory and are upcast per layer in forward.
+  the Linear weights stay fp8 in memory and are upcast per layer in forward;
+* GGUF files (city96's quantised FLUX, `gguf_checkpoint.py`): the blocks stay quantised and are
+  dequantised per layer in forward.
 
 Tensors are read one at a time from memory-mapped files, transformed (LoRA merge in fp32, cast,
 move to the device) and assigned into a model built on the meta device, so the model never
@@ -13,9 +15,10 @@ exists twice in RAM.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from .errors import BadCheckpointError, WeightsMissingError
 from .flux_model import FLUX_DEV, Flux, FluxParams
 from .fp8 import Fp8Linear, quantize_rowwise
+from .gguf_checkpoint import GGUFWeight, is_gguf, iter_gguf, read_gguf, use_gguf_linears
 from .safetensors_io import open_safetensors, safetensors_files_in
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -162,8 +166,14 @@ def _transformer_files(path: Path) -> list[Path]:
     return [path]
 
 
-def iter_bfl_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
-    """(BFL key, tensor) pairs from any supported layout; each tensor is read when yielded."""
+def iter_bfl_tensors(path: Path) -> Iterator[tuple[str, Tensor | GGUFWeight]]:
+    """(BFL key, tensor) pairs from any supported layout; each tensor is read when yielded.
+
+    A GGUF file's quantised weights come as `GGUFWeight` (their blocks, not dequantised)."""
+    if is_gguf(path):
+        entries = read_gguf(path)
+        yield from iter_gguf(entries, bfl_keys(list(entries)))
+        return
     with ExitStack() as stack:
         handles = [stack.enter_context(open_safetensors(f)) for f in _transformer_files(path)]
         where = {k: h for h in handles for k in h.keys()}
@@ -219,6 +229,9 @@ def _iter_diffusers_as_bfl(where: dict) -> Iterator[tuple[str, Tensor]]:
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of all tensors in BFL keys, without reading any tensor data."""
+    if is_gguf(path):
+        entries = read_gguf(path)
+        return {bfl: entries[k].shape for k, bfl in bfl_keys(list(entries)).items()}
     with ExitStack() as stack:
         handles = [stack.enter_context(open_safetensors(f)) for f in _transformer_files(path)]
         shapes = {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}
@@ -277,7 +290,90 @@ def infer_params(shapes: dict[str, tuple[int, ...]], axes_dim: list[int] | None 
 
 
 # ---------------------------------------------------------------------------------------------
-# fp8 Linear layers
+# The loader
+
+
+class WeightUpdate(Protocol):
+    """What the loader needs from a LoRA (see `lora.LoraMerger`)."""
+
+    def __call__(self, key: str, weight: Tensor) -> Tensor:
+        """The fp32 weight of `key` with the update merged in (the same tensor when untouched)."""
+
+    def attach(self, linear: nn.Module, key: str, dtype: torch.dtype) -> None:
+        """Add the update of `key` beside a Linear whose weight stays quantised (no-op when untouched)."""
+
+
+def load_flux_transformer(
+    path: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    axes_dim: list[int] | None = None,
+    merge: WeightUpdate | None = None,
+    quantize_fp8: bool = False,
+    work_device: str | torch.device | None = None,
+) -> Flux:
+    """Build the transformer from any supported checkpoint.
+
+    `merge` updates every weight in fp32 before it is cast, which is where the LoRAs are merged
+    (before any rounding to bf16/fp16/fp8). Weights the file stores quantised (fp8 files, GGUF
+    blocks) stay as stored and get the update as a low-rank side path in `dtype` instead: merging
+    and quantising again would add a second rounding error (docs/benchmarks.md measures both).
+    `quantize_fp8` stores the blocks' Linear weights in fp8 with per-row scales, quantised from
+    the merged fp32 weight one tensor at a time (so the full bf16 model never exists on the GPU).
+    `work_device` (default: `device`) is where the merge and the quantisation run, e.g. the GPU
+    while the weights end up in host memory for streaming.
+    """
+    work_device = work_device or device
+    shapes = read_shapes(path)
+    params = infer_params(shapes, axes_dim)
+    with torch.device("meta"):
+        model = Flux(params)
+    weight_keys = {k for k in shapes if not k.endswith((".scale_weight", ".scale_input"))}
+    _check_keys(set(model.state_dict()), weight_keys, path)
+    state: dict[str, Tensor] = {}
+    fp8_keys: set[str] = set()
+    gguf_types: dict[str, int] = {}
+    stored_quantised: set[str] = set()  # as the file has them: the LoRA goes beside, not into them
+    scales: dict[str, Tensor] = {}
+    for key, tensor in iter_bfl_tensors(path):
+        if isinstance(tensor, GGUFWeight):
+            gguf_types[key] = tensor.qtype
+            stored_quantised.add(key)
+            state[key] = tensor.data.to(device)
+            continue
+        if key.endswith(".scale_weight"):  # per-tensor scales of scaled-fp8 files
+            scales[key] = tensor.float().reshape(())
+            continue
+        if key.endswith(".scale_input"):  # activation scales of scaled-fp8 files: unused when upcasting
+            continue
+        if tensor.dtype in FP8_DTYPES and tensor.ndim == 2:
+            fp8_keys.add(key)
+            stored_quantised.add(key)
+            state[key] = tensor.to(device)
+            continue
+        quantize = (
+            quantize_fp8 and tensor.ndim == 2 and key.startswith(QUANTIZABLE) and key.endswith(".weight")
+        )
+        state[key] = _prepare(key, tensor, dtype, device, work_device, merge, scales, fp8_keys, quantize)
+    _use_fp8_linears(model, fp8_keys)
+    use_gguf_linears(model, gguf_types)
+    for key in fp8_keys:
+        scale_key = key[: -len("weight")] + "scale_weight"
+        rows = state[key].shape[0]
+        state[scale_key] = (
+            scales.get(scale_key, torch.ones(())).to(device, torch.float32).expand(rows, 1).contiguous()
+        )
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise BadCheckpointError(
+            f"{path} has tensors of the wrong shape for a FLUX.1 transformer: {exc}",
+            "The file is damaged or mixes models: download flux1-dev.safetensors again.",
+        ) from exc
+    if merge is not None:
+        for key in sorted(stored_quantised):
+            merge.attach(model.get_submodule(key.rsplit(".", 1)[0]), key, dtype)
+    return model.eval().requires_grad_(False)
 
 
 def _use_fp8_linears(model: Flux, fp8_keys: set[str]) -> None:
@@ -292,93 +388,24 @@ def _use_fp8_linears(model: Flux, fp8_keys: set[str]) -> None:
             setattr(parent, child, Fp8Linear(old.in_features, old.out_features, old.bias is not None))
 
 
-# ---------------------------------------------------------------------------------------------
-# The loader
-
-TensorHook = Callable[[str, Tensor], Tensor]
-
-
-def load_flux_transformer(
-    path: Path,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    axes_dim: list[int] | None = None,
-    merge: TensorHook | None = None,
-    quantize_fp8: bool = False,
-    work_device: str | torch.device | None = None,
-) -> Flux:
-    """Build the transformer from any supported checkpoint.
-
-    `merge(key, fp32_tensor) -> fp32_tensor` is applied to every weight before it is cast, which
-    is where the LoRA is merged (in fp32, before any rounding to bf16/fp16/fp8).
-    `quantize_fp8` stores the blocks' Linear weights in fp8 with per-row scales, quantised from
-    the merged fp32 weight one tensor at a time (so the full bf16 model never exists on the GPU).
-    fp8 checkpoints always load as fp8. `work_device` (default: `device`) is where the merge and
-    the quantisation run, e.g. the GPU while the weights end up in host memory for streaming.
-    """
-    work_device = work_device or device
-    shapes = read_shapes(path)
-    params = infer_params(shapes, axes_dim)
-    with torch.device("meta"):
-        model = Flux(params)
-    weight_keys = {k for k in shapes if not k.endswith((".scale_weight", ".scale_input"))}
-    _check_keys(set(model.state_dict()), weight_keys, path)
-    state: dict[str, Tensor] = {}
-    fp8_keys: set[str] = set()
-    scales: dict[str, Tensor] = {}
-    for key, tensor in iter_bfl_tensors(path):
-        if key.endswith(".scale_weight"):  # per-tensor scales of scaled-fp8 files
-            scales[key] = tensor.float().reshape(())
-            continue
-        if key.endswith(".scale_input"):  # activation scales of scaled-fp8 files: unused when upcasting
-            continue
-        quantize = (
-            quantize_fp8 and tensor.ndim == 2 and key.startswith(QUANTIZABLE) and key.endswith(".weight")
-        )
-        state[key] = _prepare(key, tensor, dtype, device, work_device, merge, scales, fp8_keys, quantize)
-    _use_fp8_linears(model, fp8_keys)
-    for key in fp8_keys:
-        scale_key = key[: -len("weight")] + "scale_weight"
-        rows = state[key].shape[0]
-        state[scale_key] = (
-            scales.get(scale_key, torch.ones(())).to(device, torch.float32).expand(rows, 1).contiguous()
-        )
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise BadCheckpointError(
-            f"{path} has tensors of the wrong shape for a FLUX.1 transformer: {exc}",
-            "The file is damaged or mixes models: download flux1-dev.safetensors again.",
-        ) from exc
-    return model.eval().requires_grad_(False)
-
-
 def _prepare(
     key: str,
     tensor: Tensor,
     dtype: torch.dtype,
     device: str | torch.device,
     work_device: str | torch.device,
-    merge: TensorHook | None,
+    merge: WeightUpdate | None,
     scales: dict[str, Tensor],
     fp8_keys: set[str],
     quantize: bool,
 ) -> Tensor:
-    scale_key = key[: -len("weight")] + "scale_weight"
-    stored_fp8 = tensor.dtype in FP8_DTYPES and tensor.ndim == 2
-    if stored_fp8 and merge is None:
-        fp8_keys.add(key)
-        return tensor.to(device)
-    if stored_fp8:  # dequantise so the LoRA can be merged in fp32
-        tensor = tensor.float() * scales.get(scale_key, torch.ones(()))
-        quantize = True
     if merge is not None:
         tensor = merge(key, tensor.to(work_device).float())
     if not quantize:
         return tensor.to(device=device, dtype=dtype)
     q, scale = quantize_rowwise(tensor.to(work_device))
     fp8_keys.add(key)
-    scales[scale_key] = scale.to(device)
+    scales[key[: -len("weight")] + "scale_weight"] = scale.to(device)
     return q.to(device)
 
 

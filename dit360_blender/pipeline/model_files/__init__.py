@@ -13,7 +13,7 @@ A ``.safetensors`` file whose header describes more data than the file holds (a 
 stopped part-way) does not count as present.
 
 Modules: ``catalogue`` (what is needed, from which repo, where it goes), ``safetensors_header`` (is a
-file complete), ``local_search`` (steps 1-3, ``find_model_paths``), ``download`` (step 4,
+file complete), ``checkpoint_parts`` (which parts an all-in-one checkpoint holds), ``local_search`` (steps 1-3, ``find_model_paths``), ``download`` (step 4,
 ``resolve_model_paths``, ``download_models``) and ``hub_errors`` (Hub failures worded with their fix).
 
 None of it imports torch: the worker's download child and ``doctor`` use it in a Python that may
