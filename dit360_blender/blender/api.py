@@ -36,6 +36,7 @@ def generate_world(
     width: int | None = None,
     height: int | None = None,
     sun_share: float | None = None,
+    speed: str | None = None,
     output_dir: str | None = None,
     scene: bpy.types.Scene | None = None,
     wait: bool = True,
@@ -43,7 +44,9 @@ def generate_world(
 ) -> bpy.types.Image | Generation:
     """Generate a 360° world for `scene` (default: the current one) and make it its World.
 
-    `sun_share` (0 to 0.95) is the share of the HDR environment's light a detected sun gets.
+    `sun_share` (0 to 0.95) is the share of the HDR environment's light a detected sun gets;
+    `speed` is "faithful", "fast" or "fastest" (see the panel's Speed). The limits of every
+    setting are those of the add-on's parameter table (`dit360_blender/params.py`).
     `seed=None` follows the panel (its seed, or a random one when Random Seed is on); the seed used
     is written back to the panel and into the image's custom properties. Raises GenerationError
     (`.code`, `.message`, `.hint`) when the job fails or is cancelled; the World is then unchanged.
@@ -52,7 +55,7 @@ def generate_world(
     overrides = {
         "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance,
         "lora_strength": lora_strength, "width": width, "height": height, "sun_share": sun_share,
-        "output_dir": bpy.path.abspath(output_dir) if output_dir else None,
+        "speed": speed, "output_dir": bpy.path.abspath(output_dir) if output_dir else None,
     }  # fmt: skip
     job = PUMP.start_generation(scene, **overrides)
     if not wait:

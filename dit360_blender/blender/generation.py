@@ -28,6 +28,7 @@ from . import output, world
 from .common import prefs, runtime, short, user_dir
 from .errors import GenerationError
 from .link import WorkerLink
+from .param_props import prefs_job_values, scene_job_values
 from .props import MAX_SEED
 from .results import apply_result, undo_push
 from .thumbnails import THUMBNAILS
@@ -71,43 +72,21 @@ def submit(scene: bpy.types.Scene, link: WorkerLink, **overrides: object) -> Gen
 
 def _job_from_settings(scene: bpy.types.Scene, link: WorkerLink, overrides: dict) -> Job:
     settings = scene.dit360
-    p = prefs()
-
-    def pick(name: str) -> object:
-        value = overrides.get(name)
-        return getattr(settings, name) if value is None else value
-
     seed = overrides.get("seed")
     if seed is None or (isinstance(seed, int) and seed < 0):
         seed = random.randint(0, MAX_SEED) if settings.randomize_seed else settings.seed
     if settings.randomize_seed or overrides.get("seed") is not None:
         settings.seed = int(seed)  # the panel shows the seed this world was made with
-    prompt = str(pick("prompt")).strip()
-    if not prompt:
-        raise GenerationError(
-            "bad_parameters",
-            "The prompt is empty.",
-            'Describe the world, e.g. "This is a panorama image. A beach at dusk".',
-        )
     link.check_python()
     out_dir = overrides.get("output_dir") or output.output_dir(settings)
     models_dir, model_paths = link.model_settings()
-    vram = float(p.vram_budget_gib) if p is not None and p.vram_budget_gib > 0 else None
+    values = scene_job_values(settings, overrides, skip=("seed", "output_dir"))
+    values["prompt"] = str(values["prompt"]).strip()
     return Job(
-        prompt=prompt,
-        output_dir=str(out_dir),
+        **values,
+        **prefs_job_values(prefs()),
         seed=int(seed),
-        steps=int(pick("steps")),
-        guidance=float(pick("guidance")),
-        width=int(pick("width")),
-        height=int(pick("height")),
-        lora_strength=float(pick("lora_strength")),
-        sun_share=float(pick("sun_share")),
-        device=p.device.lower() if p is not None else "auto",
-        dtype=p.dtype.lower() if p is not None else "bf16",
-        memory_mode=p.memory_mode.lower() if p is not None else "auto",
-        vram_budget_gib=vram if p is not None and p.memory_mode == "STREAM" else None,
-        preview_every=int(p.preview_every) if p is not None else 1,
+        output_dir=str(out_dir),
         models_dir=models_dir,
         model_paths=model_paths,
     )

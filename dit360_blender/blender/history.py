@@ -8,9 +8,15 @@ from pathlib import Path
 
 import bpy
 
+from ..params import PARAMS
 from . import lighting
+from .param_props import enum_identifier
 
 MAX_ENTRIES = 100
+
+
+# the panel's generation settings an entry keeps (the table's scene parameters; the folder is the file's)
+_RECORDED = tuple(p for p in PARAMS if p.blender == "scene" and p.name != "output_dir")
 
 
 def record(scene: bpy.types.Scene, params: dict, event: dict, image: bpy.types.Image, seconds: float) -> None:
@@ -20,14 +26,9 @@ def record(scene: bpy.types.Scene, params: dict, event: dict, image: bpy.types.I
     metadata = event.get("metadata") or {}
     files = event.get("files") or {}
     entry = settings.history.add()
-    entry.prompt = params["prompt"]
-    entry.seed = params["seed"]
-    entry.steps = params["steps"]
-    entry.guidance = params["guidance"]
-    entry.lora_strength = params["lora_strength"]
-    entry.width = params["width"]
-    entry.height = params["height"]
-    entry.sun_share = float(params.get("sun_share", 0.6))
+    for p in _RECORDED:
+        value = params[p.name]
+        setattr(entry, p.name, enum_identifier(value) if p.kind == "choice" else value)
     entry.filepath = str(path)
     entry.hdr_path = str(files.get("hdr") or "")
     entry.lighting_path = str(files.get("lighting") or "")
@@ -87,12 +88,6 @@ def apply(scene: bpy.types.Scene, entry: bpy.types.PropertyGroup) -> bpy.types.I
 
 def copy_to_panel(scene: bpy.types.Scene, entry: bpy.types.PropertyGroup) -> None:
     settings = scene.dit360
-    settings.prompt = entry.prompt
-    settings.seed = entry.seed
     settings.randomize_seed = False  # the point of copying a seed is to get the same world again
-    settings.steps = entry.steps
-    settings.guidance = entry.guidance
-    settings.lora_strength = entry.lora_strength
-    settings.width = entry.width
-    settings.height = entry.height
-    settings.sun_share = entry.sun_share
+    for p in _RECORDED:
+        setattr(settings, p.name, getattr(entry, p.name))

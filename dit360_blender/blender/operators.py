@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from . import history
 from .common import ADDON_PACKAGE, runtime, tag_redraw
 from .errors import GenerationError
+from .param_props import param_property
 from .pump import PUMP
 
 
@@ -19,6 +20,21 @@ def _show_error(err: GenerationError) -> None:
     tag_redraw()
 
 
+# the generation settings a script may pass to dit360.generate; the rest come from the panel
+OVERRIDABLE = (
+    "prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "lora_strength",
+    "width",
+    "height",
+    "sun_share",
+    "speed",
+    "output_dir",
+)
+
+
 class DIT360_OT_generate(bpy.types.Operator):
     """Generate a 360° world from the prompt and use it as the scene's World"""
 
@@ -27,17 +43,17 @@ class DIT360_OT_generate(bpy.types.Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     # Unset properties take the panel's values: scripts pass only what they want to change.
-    prompt: StringProperty(name="Prompt", options={"SKIP_SAVE"})
-    seed: IntProperty(name="Seed", default=-1, min=-1, description="-1: the panel's seed / random seed")
-    steps: IntProperty(name="Steps", default=0, min=0, max=1000, options={"SKIP_SAVE"})
-    guidance: FloatProperty(name="Guidance", default=2.8, min=0.0, max=100.0, options={"SKIP_SAVE"})
-    lora_strength: FloatProperty(
-        name="LoRA Strength", default=1.0, min=-10.0, max=10.0, options={"SKIP_SAVE"}
-    )
-    width: IntProperty(name="Width", default=0, min=0, options={"SKIP_SAVE"})
-    height: IntProperty(name="Height", default=0, min=0, options={"SKIP_SAVE"})
-    sun_share: FloatProperty(name="Sun Share", default=0.6, min=0.0, max=0.95, options={"SKIP_SAVE"})
-    output_dir: StringProperty(name="Output Folder", subtype="DIR_PATH", options={"SKIP_SAVE"})
+    # Names, limits and help are the parameter table's (params.py), as for the panel.
+    prompt: param_property("prompt", options={"SKIP_SAVE"})
+    seed: param_property("seed", options={"SKIP_SAVE"})
+    steps: param_property("steps", options={"SKIP_SAVE"})
+    guidance: param_property("guidance", options={"SKIP_SAVE"})
+    lora_strength: param_property("lora_strength", options={"SKIP_SAVE"})
+    width: param_property("width", options={"SKIP_SAVE"})
+    height: param_property("height", options={"SKIP_SAVE"})
+    sun_share: param_property("sun_share", options={"SKIP_SAVE"})
+    speed: param_property("speed", options={"SKIP_SAVE"})
+    output_dir: param_property("output_dir", subtype="DIR_PATH", options={"SKIP_SAVE"})
     wait: BoolProperty(
         name="Wait",
         description="Block until the world is done (the default in background mode, where timers never run)",
@@ -53,16 +69,9 @@ class DIT360_OT_generate(bpy.types.Operator):
         return context.scene is not None
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        overrides: dict[str, object] = {}
-        real_zero = ("guidance", "lora_strength", "sun_share")
-        names = ("prompt", "steps", "guidance", "lora_strength", "width", "height", "sun_share", "output_dir")
-        for name in names:
-            value = getattr(self, name)
-            # 0 / "" mean "the panel's value" for these; guidance, LoRA strength, sun share 0 are real values.
-            if self.properties.is_property_set(name) and (name in real_zero or value):
-                overrides[name] = value
-        if self.seed >= 0:
-            overrides["seed"] = self.seed
+        overrides = {
+            name: getattr(self, name) for name in OVERRIDABLE if self.properties.is_property_set(name)
+        }
         if "output_dir" in overrides:
             overrides["output_dir"] = bpy.path.abspath(str(overrides["output_dir"]))
         block = self.wait or (bpy.app.background and not self.properties.is_property_set("wait"))

@@ -210,6 +210,7 @@ class DIT360_PT_main(bpy.types.Panel):
         col.prop(settings, "steps")
         col.prop(settings, "guidance")
         col.prop(settings, "lora_strength")
+        layout.prop(settings, "speed", expand=True)
         draw_generate_button(layout, scale_y=1.5)
 
 

@@ -51,6 +51,20 @@ _MAKERS = {
 }
 
 
+def scene_job_values(settings: Any, overrides: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The job parameters the panel holds (`blender="scene"` in the table), with `overrides` (from
+    the operator or the scripting API; None = not given) winning; enum identifiers → table values."""
+    values = {}
+    for p in PARAMS:
+        if p.blender != "scene" or p.name in skip:
+            continue
+        value = overrides.get(p.name)
+        if value is None:
+            value = getattr(settings, p.name)
+        values[p.name] = enum_value(value) if p.kind == "choice" else value
+    return values
+
+
 def prefs_job_values(prefs: Any) -> dict[str, Any]:
     """The job parameters the add-on preferences hold (`blender="prefs"` in the table), as the
     protocol wants them: enum identifiers → the table's values, a nullable number's 0 → None;

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from .common import ADDON_PACKAGE, FLUX_LICENSE_URL, TOKENS_URL, runtime, user_dir
+from .param_props import param_property
 from .pump import PUMP
 
 _PATH_NAMES = {
@@ -82,42 +83,11 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         subtype="PASSWORD",
     )
     # -- performance
-    device: EnumProperty(
-        name="Device",
-        items=[
-            ("AUTO", "Auto", "CUDA, else Apple MPS, else CPU"),
-            ("CUDA", "CUDA", "NVIDIA GPU"),
-            ("MPS", "MPS", "Apple Silicon GPU"),
-            ("CPU", "CPU", "Very slow at full size"),
-        ],
-        default="AUTO",
-    )
-    dtype: EnumProperty(
-        name="Precision",
-        items=[
-            ("BF16", "bf16", "Half the memory of fp32; recommended on recent GPUs"),
-            ("FP16", "fp16", "For GPUs without bf16"),
-            ("FP32", "fp32", "Most memory; for CPU"),
-        ],
-        default="BF16",
-    )
-    memory_mode: EnumProperty(
-        name="Memory Mode",
-        items=[
-            ("AUTO", "Auto", "Pick by free VRAM"),
-            ("RESIDENT", "Resident", "Everything on the GPU (fastest, ~24 GB+)"),
-            ("FP8", "fp8", "Transformer weights in fp8 (about half the VRAM)"),
-            ("STREAM", "Stream", "Stream transformer blocks from RAM (least VRAM, slower)"),
-        ],
-        default="AUTO",
-    )
-    vram_budget_gib: FloatProperty(
-        name="VRAM Budget (GiB)",
-        description="For Stream: how much VRAM to use (0: what is free)",
-        default=0.0,
-        min=0.0,
-        max=4096.0,
-    )
+    # job settings kept in the preferences: names, choices and limits from the parameter table
+    device: param_property("device")
+    dtype: param_property("dtype")
+    memory_mode: param_property("memory_mode")
+    vram_budget_gib: param_property("vram_budget_gib", name="VRAM Budget (GiB)")
     idle_minutes: IntProperty(
         name="Stop Idle Worker After (min)",
         description="Stop the worker (freeing its memory) after this many idle minutes; 0: keep it",
@@ -125,13 +95,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         min=0,
         max=24 * 60,
     )
-    preview_every: IntProperty(
-        name="Preview Every N Steps",
-        description="Show the world while it is generated (0: no previews)",
-        default=1,
-        min=0,
-        max=100,
-    )
+    preview_every: param_property("preview_every")
     show_files: BoolProperty(name="Show Individual Files", default=False)
 
     def draw(self, context: bpy.types.Context) -> None:

@@ -21,28 +21,31 @@ from bpy.props import (
     StringProperty,
 )
 
+from ..params import BY_NAME
 from . import lighting
 from . import world as world_nodes
+from .param_props import param_property
 
 DEFAULT_PROMPT = "This is a panorama image. A sunny alpine meadow with scattered pine trees under a blue sky"
-MAX_SEED = 2**31 - 1
+MAX_SEED = BY_NAME["seed"].blender_range()[1]  # a Blender IntProperty holds 32 bits
 
 
 class DIT360_HistoryEntry(bpy.types.PropertyGroup):
     """One generated environment: enough to show it, re-apply it and generate it again."""
 
-    prompt: StringProperty(name="Prompt")
-    seed: IntProperty(name="Seed", min=0, max=MAX_SEED)
-    steps: IntProperty(name="Steps", min=1)
-    guidance: FloatProperty(name="Guidance")
-    lora_strength: FloatProperty(name="LoRA Strength")
-    width: IntProperty(name="Width")
-    height: IntProperty(name="Height")
+    prompt: param_property("prompt")
+    seed: param_property("seed")
+    steps: param_property("steps")
+    guidance: param_property("guidance")
+    lora_strength: param_property("lora_strength")
+    width: param_property("width")
+    height: param_property("height")
     filepath: StringProperty(name="File", subtype="FILE_PATH")
     image_name: StringProperty(name="Image")
     created: StringProperty(name="Created")
     seconds: FloatProperty(name="Time (s)")
-    sun_share: FloatProperty(name="Sun Share", default=0.6)
+    sun_share: param_property("sun_share")
+    speed: param_property("speed")
     # the HDR files beside the PNG (empty: none were written) and the analysis the worker recorded
     hdr_path: StringProperty(name="HDR", subtype="FILE_PATH")
     lighting_path: StringProperty(name="HDR (sun clamped)", subtype="FILE_PATH")
@@ -51,55 +54,24 @@ class DIT360_HistoryEntry(bpy.types.PropertyGroup):
 
 
 class DIT360_SceneSettings(bpy.types.PropertyGroup):
-    prompt: StringProperty(
-        name="Prompt",
-        description="What the 360° world shows. DiT360 was trained on prompts starting with "
-        "'This is a panorama image.'",
-        default=DEFAULT_PROMPT,
-    )
-    seed: IntProperty(
-        name="Seed", description="The same seed and settings give the same world", min=0, max=MAX_SEED
-    )
+    # the generation settings: names, limits and help are the parameter table's (params.py)
+    prompt: param_property("prompt", default=DEFAULT_PROMPT)
+    seed: param_property("seed")
     randomize_seed: BoolProperty(
         name="Random Seed", description="Pick a new seed for every generation", default=True
     )
-    steps: IntProperty(
-        name="Steps", description="Sampling steps (DiT360: 28)", default=28, min=1, max=200, soft_max=60
-    )
-    guidance: FloatProperty(
-        name="Guidance", description="Embedded guidance (DiT360: 2.8)", default=2.8, min=0.0, max=20.0
-    )
-    lora_strength: FloatProperty(
-        name="LoRA Strength",
-        description="How strongly the DiT360 panorama LoRA applies (1.0 as trained)",
-        default=1.0,
-        min=-2.0,
-        max=4.0,
-        soft_min=0.0,
-        soft_max=2.0,
-    )
-    width: IntProperty(
-        name="Width", description="2:1, a multiple of 16 (DiT360: 2048)", default=2048, min=64, max=8192
-    )
-    height: IntProperty(
-        name="Height", description="Half the width (DiT360: 1024)", default=1024, min=32, max=4096
-    )
-    sun_share: FloatProperty(
-        name="Sun Share",
-        description="For the next generation: the share of the HDR environment's light that a detected "
-        "sun gets (the sun is brightened to it; it is never darkened). 0: the sun as bright as the "
-        "image shows it",
-        default=0.6,
-        min=0.0,
-        max=0.95,
-        subtype="FACTOR",
-    )
-    output_dir: StringProperty(
-        name="Output Folder",
+    steps: param_property("steps")
+    guidance: param_property("guidance")
+    lora_strength: param_property("lora_strength")
+    width: param_property("width")
+    height: param_property("height")
+    sun_share: param_property("sun_share", subtype="FACTOR")
+    speed: param_property("speed")
+    output_dir: param_property(
+        "output_dir",
         description="Where generated images are written. Empty: //dit360/ next to the saved .blend, "
         "else a folder in the add-on's user data",
         subtype="DIR_PATH",
-        default="",
     )
     pack_image: BoolProperty(
         name="Pack Into .blend", description="Embed generated images in the .blend file", default=False
