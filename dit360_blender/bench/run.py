@@ -99,9 +99,9 @@ class Bench:
             self._attention_probe()
         if not self.args.no_diffusers:
             self._diffusers_baseline()
-        for mode in self.args.modes.split(","):
+        for mode in filter(None, (m.strip() for m in self.args.modes.split(","))):
             try:
-                self._run_mode(mode.strip())
+                self._run_mode(mode)
             except Exception as exc:  # one broken mode must not lose the others' numbers
                 self.results["modes"][mode.strip()] = {
                     "skipped": f"failed: {type(exc).__name__}: {exc}"[:300]

@@ -88,7 +88,7 @@ def worker_jobs(
         for name, seed in (("cold", 1), ("warm", 2)):
             job = Job(
                 prompt=PROMPT, output_dir=str(out_dir), seed=seed, steps=steps, width=width, height=height,
-                models_dir=str(models_dir), preview_every=0, **variant,
+                models_dir=str(models_dir), preview_every=1, **variant,  # as Blender drives it
             )  # fmt: skip
             record[name] = _timed_job(client, job, steps)
     finally:
