@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..params import ParamError, check_values
 from .errors import BadParametersError, DeviceError
-from .flux_checkpoint import infer_params, load_flux_transformer, read_shapes
+from .flux_checkpoint import config_axes_dim, infer_params, load_flux_transformer, read_shapes
 from .flux_layers import set_attention_backend
 from .flux_model import Flux
 from .fp8 import enable_fp8_matmul
@@ -149,10 +149,13 @@ class DiT360Pipeline:
         `compile` compiles each transformer block with torch.compile (CUDA, not with `stream`;
         'auto' does so where it can: CUDA, Triton importable, not streaming — about 20 s once per
         worker, then each step ~1.3-1.8x faster on an H200);
-        `vae_wrap` decodes with horizontal wrap-around (off reproduces the reference pipeline).
+        `vae_wrap` decodes with horizontal wrap-around (off reproduces the reference pipeline);
+        `axes_dim` (FLUX's RoPE axes) defaults to the transformer folder's config.json
+        (`axes_dims_rope`), else FLUX.1's [16, 56, 56].
         """
         device = pick_device(device) if isinstance(device, str) else device
         dtype = resolve_dtype(dtype, device)
+        axes_dim = axes_dim or config_axes_dim(paths.transformer)
         compile = {"on": True, "off": False}.get(compile, compile)  # type: ignore[call-overload]
         plan = plan_memory(memory_mode, device, vram_budget_gib)
         set_attention_backend(attention, device)

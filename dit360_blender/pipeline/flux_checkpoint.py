@@ -15,6 +15,7 @@ exists twice in RAM.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -283,10 +284,39 @@ def infer_params(shapes: dict[str, tuple[int, ...]], axes_dim: list[int] | None 
         if head_dim != sum(FLUX_DEV.axes_dim):
             raise BadCheckpointError(
                 f"Head dim {head_dim} differs from FLUX.1's 128, so the RoPE axes can't be assumed.",
-                "Pass axes_dim explicitly for non-standard FLUX variants.",
+                "Use the model's diffusers transformer/ folder (its config.json states axes_dims_rope), "
+                "or pass axes_dim explicitly.",
             )
         axes_dim = list(FLUX_DEV.axes_dim)
-    return FluxParams(axes_dim=list(axes_dim), **params)
+    try:
+        return FluxParams(axes_dim=list(axes_dim), **params)
+    except ValueError as exc:  # RoPE axes that don't add up to the head dim
+        raise BadCheckpointError(str(exc), "Give RoPE axes that add up to the head dim.") from exc
+
+
+def config_axes_dim(path: Path) -> list[int] | None:
+    """The RoPE axes (`axes_dims_rope`) in the config.json of the diffusers transformer folder
+    `path` (or of the folder holding its `diffusion_pytorch_model*` file), or None."""
+    path = Path(path)
+    if not path.is_dir() and not path.name.startswith("diffusion_pytorch_model"):
+        return None  # a single file: a config.json beside it belongs to something else
+    config_path = (path if path.is_dir() else path.parent) / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        axes = json.loads(config_path.read_text(encoding="utf-8")).get("axes_dims_rope")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise BadCheckpointError(
+            f"{config_path} is not a readable JSON config ({exc}).", "Download the transformer folder again."
+        ) from exc
+    if axes is None:
+        return None
+    if not isinstance(axes, list) or not all(isinstance(a, int) and a > 0 for a in axes):
+        raise BadCheckpointError(
+            f"{config_path} states axes_dims_rope {axes!r}, not a list of positive whole numbers.",
+            "Download the transformer folder again.",
+        )
+    return axes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +355,7 @@ def load_flux_transformer(
     """
     work_device = work_device or device
     shapes = read_shapes(path)
-    params = infer_params(shapes, axes_dim)
+    params = infer_params(shapes, axes_dim or config_axes_dim(path))
     with torch.device("meta"):
         model = Flux(params)
     weight_keys = {k for k in shapes if not k.endswith((".scale_weight", ".scale_input"))}
