@@ -155,6 +155,7 @@ def _generate(args: argparse.Namespace, values: dict) -> int:
         memory_mode=values["memory_mode"],
         vram_budget_gib=values["vram_budget_gib"],
         compile=values["compile"],
+        vae_wrap=values["vae_wrap"],
     )
     start = time.perf_counter()
     made = make_panorama(

@@ -197,6 +197,12 @@ PARAMS: tuple[Param, ...] = (
         cli="--compile",
     ),
     Param(
+        "vae_wrap", "bool", True, "Wrap-Around Decode",
+        "Decode with the image's left and right edges joined, so the 0°/360° seam can't show "
+        "(off: DiT360's own decode, its exact output)",
+        cli="--no-vae-wrap", blender="prefs",
+    ),
+    Param(
         "preview_every", "int", 1, "Preview Every N Steps",
         "Show the world while it is generated (0: no previews)",
         minimum=0, maximum=100, blender="prefs",

@@ -191,9 +191,12 @@ def test_blender_properties_match_the_table(blender_props, group):
             continue  # an entry records its file, not the folder setting
         prop = props[p.name]
         checked += 1
-        assert prop["type"] == {"int": "INT", "float": "FLOAT", "str": "STRING", "choice": "ENUM"}[p.kind]
+        kinds = {"int": "INT", "float": "FLOAT", "str": "STRING", "choice": "ENUM", "bool": "BOOLEAN"}
+        assert prop["type"] == kinds[p.kind]
         if p.kind in ("int", "float"):
             _expected_number(p, prop)
+        elif p.kind == "bool":
+            assert prop["default"] is p.default, p.name
         elif p.kind == "choice":
             assert prop["items"] == [c.upper() for c in p.choice_values], p.name
             assert prop["default"] == p.default.upper(), p.name

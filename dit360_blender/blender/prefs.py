@@ -96,6 +96,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         max=24 * 60,
     )
     preview_every: param_property("preview_every")
+    vae_wrap: param_property("vae_wrap")
     show_files: BoolProperty(name="Show Individual Files", default=False)
 
     def draw(self, context: bpy.types.Context) -> None:
@@ -195,6 +196,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         sub.enabled = self.memory_mode == "STREAM"
         sub.prop(self, "vram_budget_gib")
         col.prop(self, "preview_every")
+        col.prop(self, "vae_wrap")
         col.prop(self, "idle_minutes")
         state = runtime()
         if state is not None and state.worker_info:

@@ -31,8 +31,8 @@ Send = Callable[[dict], None]
 
 
 class ModelCache:
-    """Keeps one loaded pipeline; a job with the same models, device, dtype and LoRA strength
-    reuses it. Only one is kept: a 12B model twice would not fit, so a change unloads first."""
+    """Keeps one loaded pipeline; a job with the same models and load settings (device, dtype,
+    LoRA strength, memory mode, VAE wrap) reuses it. Only one is kept: a 12B model twice would not fit, so a change unloads first."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -61,6 +61,7 @@ class ModelCache:
             float(params["lora_strength"]),
             params["memory_mode"],
             params["vram_budget_gib"],
+            bool(params["vae_wrap"]),
         )
         if key == self.key and self.pipe is not None:
             return self.pipe, True
@@ -77,6 +78,7 @@ class ModelCache:
             memory_mode=params["memory_mode"],
             vram_budget_gib=params["vram_budget_gib"],
             compile=params.get("compile", "auto"),
+            vae_wrap=bool(params["vae_wrap"]),
         )
         self.key, self.loads = key, self.loads + 1
         return self.pipe, False
