@@ -158,3 +158,21 @@ def test_lora_on_stored_fp8_runs_beside_the_fp8_weight(base, files, bfl, tmp_pat
     err_a, err_b = rel_l2(got_a, expected), rel_l2(got_b, expected)
     print(f"fp8 + LoRA, relative L2 from diffusers: side path {err_a:.2e}, re-quantised per row {err_b:.2e}")
     assert err_a <= 1e-5 < err_b
+
+
+def test_pipeline_applies_user_loras_on_top_of_dit360(tiny_models, tiny_paths, tmp_path):
+    """DiT360Pipeline.load(loras=...): the user's LoRA lands in the weights with its strength,
+    on top of the DiT360 adapter, and the image's metadata names it."""
+    from dit360_blender.pipeline.dit360 import DiT360Pipeline
+
+    flux = load_file(str(tiny_models["flux"] / "flux1-dev.safetensors"))
+    user = bfl_style_lora(flux, tmp_path / "style.safetensors", "kohya", seed=9)
+    plain = DiT360Pipeline.load(tiny_paths, device="cpu", dtype="fp32")
+    styled = DiT360Pipeline.load(tiny_paths, device="cpu", dtype="fp32", loras=[(user, 0.6)])
+    key = "single_blocks.0.linear2.weight"
+    expected = plain.transformer.state_dict()[key].double() + _bfl_delta(
+        user, "single_blocks.0.linear2", "kohya", ("lora_down", "lora_up"), 0.6
+    )
+    assert torch.allclose(styled.transformer.state_dict()[key].double(), expected, atol=1e-5)
+    assert styled.model_info["loras"] == [{"file": "style.safetensors", "strength": 0.6}]
+    assert plain.model_info["loras"] == []

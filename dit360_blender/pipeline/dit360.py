@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -141,6 +141,7 @@ class DiT360Pipeline:
         attention: str = "auto",
         compile: bool | str = False,  # True/"on", False/"off" or "auto"
         vae_wrap: bool = True,
+        loras: Sequence[tuple[Path | str, float]] = (),
     ) -> DiT360Pipeline:
         """Load the text encoders, the transformer with the LoRA merged, and the VAE.
 
@@ -150,6 +151,7 @@ class DiT360Pipeline:
         'auto' does so where it can: CUDA, Triton importable, not streaming — about 20 s once per
         worker, then each step ~1.3-1.8x faster on an H200);
         `vae_wrap` decodes with horizontal wrap-around (off reproduces the reference pipeline);
+        `loras` are the user's own FLUX LoRAs, (file, strength) each, on top of DiT360's (`lora.py`);
         `axes_dim` (FLUX's RoPE axes) defaults to the transformer folder's config.json
         (`axes_dims_rope`), else FLUX.1's [16, 56, 56].
         """
@@ -169,9 +171,11 @@ class DiT360Pipeline:
             device=text_device,
         )
         merge = None
-        if paths.lora is not None and lora_strength != 0.0:
+        dit360_lora = paths.lora if lora_strength != 0.0 else None
+        if dit360_lora is not None or loras:  # `loras`: the user's own, (file, strength), on top
             params = infer_params(read_shapes(paths.transformer), axes_dim)
-            merge = LoraMerger(load_lora(paths.lora), params, lora_strength)
+            extra = [(load_lora(path), float(strength)) for path, strength in loras]
+            merge = LoraMerger(load_lora(dit360_lora) if dit360_lora else None, params, lora_strength, extra)
         transformer = load_flux_transformer(
             paths.transformer,
             dtype=dtype,
@@ -194,6 +198,7 @@ class DiT360Pipeline:
             "lora": LORA_REPO if paths.lora is not None and lora_strength != 0.0 else None,
             "lora_file": Path(paths.lora).name if paths.lora is not None else None,
             "lora_strength": lora_strength,
+            "loras": [{"file": Path(path).name, "strength": float(strength)} for path, strength in loras],
             "dtype": str(dtype).removeprefix("torch."),
             "device": device.type,
             "memory_mode": plan.mode,
