@@ -112,9 +112,12 @@ class WorkerProcess:
 
 
 def spawn(python: str, log_dir: Path, env: dict[str, str]) -> WorkerProcess:
-    """Start `python -m <package>.worker` (no console window on Windows, its own session elsewhere)
-    with `env`, which carries the token: no secrets in argv, visible to every user in process lists."""
-    cmd = [python, "-m", WORKER_MODULE, "--log-dir", str(log_dir), "--parent-pid", str(os.getpid())]
+    """Start `python -s -m <package>.worker` (no console window on Windows, its own session
+    elsewhere) with `env`, which carries the token: no secrets in argv, visible to every user in
+    process lists. `-s` leaves the user's site-packages out (their packages, .pth files and
+    usercustomize could shadow the vendored ones); PYTHONPATH, which brings the vendor folder and
+    this package, still applies."""
+    cmd = [python, "-s", "-m", WORKER_MODULE, "--log-dir", str(log_dir), "--parent-pid", str(os.getpid())]
     kwargs: dict[str, Any] = {}
     if sys.platform == "win32":
         kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
