@@ -16,11 +16,15 @@ Modes (pick one):
 Other options:
 
   --torch {auto,cuda,cpu,mps,local}   which torch build to install (default: auto; --dev: local).
-                 auto:  macOS -> PyPI torch (MPS); Windows/Linux with nvidia-smi -> CUDA wheels from
-                        the PyTorch index; otherwise CPU wheels from the PyTorch CPU index.
+                 auto:  macOS -> PyPI torch (MPS; Apple Silicon only); Windows/Linux with nvidia-smi
+                        -> CUDA wheels from the PyTorch index; otherwise CPU wheels from the PyTorch
+                        CPU index.
                  local: the torch requirement as plain pip resolves it with your own pip config, no
                         extra index (what dev/CI machines with a local torch wheel use).
-  --torch-index URL   index for the cuda/cpu choices (default: PyTorch's cu128 / cpu index).
+  --cuda X.Y     the CUDA version to pick the wheels for (default: the newest the NVIDIA driver
+                 supports, from nvidia-smi, e.g. 12.4 -> cu124, 12.9 -> cu128, 13.0 -> cu130;
+                 GPUs older than Turing get cu126, the newest build that still has them).
+  --torch-index URL   index for the cuda/cpu choices (default: as chosen above / PyTorch's cpu index).
   DIT360_TORCH_SPEC   environment variable replacing the torch requirement, e.g. "torch==2.7.1" or a
                       path to a wheel; without an explicit --torch it implies --torch local.
   --check        report which runtime packages import (and their versions) and the torch device for
@@ -45,6 +49,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -87,9 +92,17 @@ _DEV_PINS = read_pins(REQUIREMENTS_DIR / "dev.txt")
 DEV_RUNTIME_PINS = {name: req for name, req in _DEV_PINS.items() if name in RUNTIME_PINS}
 DEV_TEST_PINS = {name: req for name, req in _DEV_PINS.items() if name not in RUNTIME_PINS}
 
-# Torch indexes for the cuda/cpu choices (override with --torch-index).
-TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
-TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# PyTorch's wheel indexes (override with --torch-index or --cuda). A driver runs wheels built for
+# its CUDA version (nvidia-smi's "CUDA Version", the newest it supports) or older. Within
+# runtime.txt's torch>=2.4,<3 the CUDA indexes carry: cu130 torch 2.9+ (driver 580+), cu128 2.7+
+# (570+; the first with Blackwell / RTX 50xx), cu126 2.6+ (560+; the only one still built for
+# Maxwell, Pascal and Volta), cu124 2.4-2.6 (550+), cu121 2.4-2.5 (530+), cu118 2.4-2.7 (520+).
+# Every one has Python 3.11 (Blender 4.2-5.0) and 3.13 (Blender 5.1+) wheels of some such torch.
+TORCH_INDEX_BASE = "https://download.pytorch.org/whl/"
+TORCH_CPU_INDEX = TORCH_INDEX_BASE + "cpu"
+TORCH_CUDA_BUILDS = ((13, 0), (12, 8), (12, 6), (12, 4), (12, 1), (11, 8))  # newest first
+LEGACY_GPU_BUILD = (12, 6)  # for compute capability < 7.5, which newer builds leave out
+TORCH_CUDA_INDEX = TORCH_INDEX_BASE + "cu128"  # when the driver's CUDA version can't be read
 
 # ---------------------------------------------------------------------------------------------
 
@@ -116,14 +129,34 @@ def platform_system() -> str:
     return platform.system()
 
 
+def intel_mac() -> bool:
+    """True for an x86_64 Python on macOS: an Intel Mac, or an Intel build under Rosetta."""
+    return sys.platform == "darwin" and platform.machine() == "x86_64"
+
+
+def nvidia_smi() -> str | None:
+    """nvidia-smi's path: on PATH, or (Windows) in its usual System32 location."""
+    found = shutil.which("nvidia-smi")
+    if found is None and platform_system() == "Windows":
+        path = Path(os.environ.get("SystemRoot", r"C:\Windows"), "System32", "nvidia-smi.exe")
+        found = str(path) if path.is_file() else None
+    return found
+
+
 def has_nvidia_gpu() -> bool:
-    """True when nvidia-smi is on PATH (Windows: also its usual System32 location)."""
-    if shutil.which("nvidia-smi"):
-        return True
-    if platform_system() == "Windows":
-        root = os.environ.get("SystemRoot", r"C:\Windows")
-        return Path(root, "System32", "nvidia-smi.exe").is_file()
-    return False
+    return nvidia_smi() is not None
+
+
+def run_nvidia_smi(*args: str) -> str:
+    """nvidia-smi's output, or "" when it is missing or fails (a broken driver install)."""
+    path = nvidia_smi()
+    if path is None:
+        return ""
+    try:
+        done = subprocess.run([path, *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
 
 
 def interpreter_version() -> tuple[int, int]:
@@ -241,8 +274,62 @@ def is_torch_req(req: str) -> bool:
     return requirement_name(req) == "torch"
 
 
+def _version(text: str) -> tuple[int, int] | None:
+    match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", text)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the NVIDIA driver supports ("CUDA Version: 12.4" in nvidia-smi)."""
+    match = re.search(r"CUDA Version\s*:\s*(\d+\.\d+)", run_nvidia_smi())
+    return _version(match[1]) if match else None
+
+
+def oldest_gpu() -> tuple[int, int] | None:
+    """The lowest compute capability among the GPUs, e.g. (6, 1) for a GTX 1080."""
+    lines = run_nvidia_smi("--query-gpu=compute_cap", "--format=csv,noheader").splitlines()
+    return min((v for v in map(_version, lines) if v), default=None)
+
+
+def cuda_index(cuda: str | None) -> tuple[str, str]:
+    """(index URL, why) of the CUDA wheels for `cuda` ("12.6"), else for the installed driver."""
+    if cuda is not None:
+        wanted, why = _version(cuda), f"--cuda {cuda}"
+        if wanted is None:
+            raise SetupError(f"--cuda {cuda}: give a CUDA version like 12.6")
+    else:
+        wanted = driver_cuda_version()
+        why = f"the NVIDIA driver supports CUDA {wanted[0]}.{wanted[1]}" if wanted else ""
+    if wanted is None:
+        return (
+            TORCH_CUDA_INDEX,
+            "nvidia-smi did not say the driver's CUDA version; assuming a recent one (--cuda X.Y)",
+        )
+    builds = [b for b in TORCH_CUDA_BUILDS if b <= wanted]
+    if not builds:
+        raise SetupError(
+            f"CUDA {wanted[0]}.{wanted[1]} is older than any PyTorch CUDA build (the oldest is 11.8, "
+            "driver 520 or newer): update the NVIDIA driver, or install the CPU build with --torch cpu"
+        )
+    build = builds[0]
+    gpu = oldest_gpu() if cuda is None else None
+    if gpu is not None and gpu < (7, 5) and build > LEGACY_GPU_BUILD:
+        build = LEGACY_GPU_BUILD
+        why += f"; a GPU of compute capability {gpu[0]}.{gpu[1]} needs the cu126 build"
+    return f"{TORCH_INDEX_BASE}cu{build[0]}{build[1]}", why
+
+
+INTEL_MAC = (
+    "this is an Intel (x86_64) Mac, or an x86_64 Python under Rosetta: PyTorch's last macOS x86_64 "
+    "wheels are torch 2.2.2 (Python 3.8-3.12), older than the worker's {spec}. On an Apple Silicon "
+    "Mac use the Apple Silicon (arm64) Blender or Python; otherwise run the worker on a Linux or "
+    "Windows PC (an NVIDIA GPU makes it fast), or install a torch you built yourself with "
+    "DIT360_TORCH_SPEC=<wheel or requirement> (implies --torch local)"
+)
+
+
 def resolve_torch(
-    choice: str | None, torch_index: str | None, dev: bool, default_spec: str
+    choice: str | None, torch_index: str | None, dev: bool, default_spec: str, cuda: str | None = None
 ) -> tuple[str, str, str | None, str]:
     """Return (mode, torch requirement, index url or None, reason)."""
     env_spec = os.environ.get("DIT360_TORCH_SPEC", "").strip()
@@ -257,14 +344,21 @@ def resolve_torch(
     if choice == "auto":
         if system == "Darwin":
             mode, why = "mps", "auto: macOS"
-        elif has_nvidia_gpu():
-            mode, why = "cuda", "auto: nvidia-smi found"
+        elif has_nvidia_gpu() or cuda is not None:
+            mode, why = "cuda", "auto: nvidia-smi found" if cuda is None else "auto: --cuda given"
         else:
             mode, why = "cpu", "auto: no nvidia-smi"
+    if cuda is not None and mode != "cuda":
+        raise SetupError(f"--cuda goes with the CUDA build, not with --torch {mode}")
+    if mode in ("mps", "cpu") and intel_mac():
+        raise SetupError(INTEL_MAC.format(spec=spec))
     if mode == "cuda":
         if system == "Darwin":
             raise SetupError("--torch cuda: PyTorch has no CUDA builds for macOS; use --torch mps")
-        index = torch_index or TORCH_CUDA_INDEX
+        index = torch_index
+        if index is None:
+            index, reason = cuda_index(cuda)
+            why += f"; {reason}" if reason else ""
     elif mode == "cpu":
         # macOS wheels on PyPI are the CPU/MPS build already.
         index = None if system == "Darwin" else (torch_index or TORCH_CPU_INDEX)
@@ -571,7 +665,7 @@ def requirements_with_torch(args: argparse.Namespace, dev: bool) -> tuple[list[s
     if not any(is_torch_req(r) for r in reqs):
         return reqs, None
     default = (DEV_RUNTIME_PINS if dev else RUNTIME_PINS)["torch"]
-    mode, spec, torch_index, why = resolve_torch(args.torch, args.torch_index, dev, default)
+    mode, spec, torch_index, why = resolve_torch(args.torch, args.torch_index, dev, default, args.cuda)
     log(f"torch: {mode} ({why}): {spec}" + (f" from {torch_index}" if torch_index else ""))
     return [spec if is_torch_req(r) else r for r in reqs], torch_index
 
@@ -675,6 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dev", action="store_true", help="create/refresh .venv/ at the repo root (Python 3.11)"
     )
     p.add_argument("--torch", choices=TORCH_CHOICES, help="torch build (default: auto; --dev: local)")
+    p.add_argument(
+        "--cuda", metavar="X.Y", help="CUDA version to pick the torch wheels for (default: the driver's)"
+    )
     p.add_argument("--torch-index", metavar="URL", help="index URL for --torch cuda/cpu")
     p.add_argument("--check", action="store_true", help="report what imports, and the torch device")
     p.add_argument("--json", action="store_true", help="with --check: print one `deps` protocol message")
