@@ -60,6 +60,11 @@ def _add_param_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(p.name, help=p.help)
         elif p.kind == "bool":  # a flag that turns the default off, e.g. --no-hdr
             parser.add_argument(p.cli, dest=p.name, action="store_false", help=p.help)
+        elif p.kind == "loras":  # repeatable FILE[:STRENGTH]; `lora_items` makes the table's value
+            limits = f" (strength {p.minimum:g} to {p.maximum:g}, default 1)"
+            parser.add_argument(
+                p.cli, dest=p.name, action="append", metavar="FILE[:STRENGTH]", help=p.help + limits
+            )
         else:
             kind = {"int": int, "float": float}.get(p.kind, str)
             # --seed: no default on the command line means a random one (printed)
@@ -102,7 +107,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     try:
-        values = params.check_values({p.name: getattr(args, p.name) for p in _cli_params()} | {"seed": seed})
+        given = {p.name: getattr(args, p.name) for p in _cli_params()}
+        values = params.check_values(given | {"seed": seed, "loras": lora_items(args.loras)})
     except params.ParamError as exc:
         _print_error(exc)
         return EXIT_BAD_INPUT
@@ -120,6 +126,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ncancelled; nothing written", file=sys.stderr)
         return EXIT_CANCELLED
+
+
+def lora_items(options: list[str] | None) -> list[dict]:
+    """`--lora-extra FILE[:STRENGTH]` values as the table's {path, strength} items. The strength is
+    the text after the last ':' when it is a number, so a Windows drive ('C:\\x.safetensors') is
+    part of the path."""
+    items = []
+    for option in options or []:
+        path, sep, tail = option.rpartition(":")
+        try:
+            strength = float(tail) if sep and path else None
+        except ValueError:
+            strength = None
+        items.append(
+            {"path": option, "strength": 1.0} if strength is None else {"path": path, "strength": strength}
+        )
+    return items
 
 
 def _cli_params() -> list[params.Param]:
@@ -156,6 +179,7 @@ def _generate(args: argparse.Namespace, values: dict) -> int:
         vram_budget_gib=values["vram_budget_gib"],
         compile=values["compile"],
         vae_wrap=values["vae_wrap"],
+        loras=[(item["path"], item["strength"]) for item in values["loras"]],
     )
     start = time.perf_counter()
     made = make_panorama(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 INT32_MAX = 2**31 - 1
+MAX_LORAS = 16  # more is a mistake: each one adds its update to the weights
 MAX_PROMPT_CHARS = 4000  # T5 reads 512 tokens; anything much longer is a mistake, not a prompt
 SIZE_MULTIPLE = 16  # one transformer token covers 16x16 pixels
 
@@ -43,7 +44,9 @@ class Choice:
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter. `kind`: str | int | float | bool | choice | object."""
+    """One parameter. `kind`: str | int | float | bool | choice | object | loras.
+
+    `loras` is a list of {path, strength}; `minimum`/`maximum` bound each strength."""
 
     name: str
     kind: str
@@ -120,6 +123,12 @@ PARAMS: tuple[Param, ...] = (
         "lora_strength", "float", 1.0, "LoRA Strength",
         "How strongly the DiT360 panorama LoRA applies (1.0 as trained, 0 = plain FLUX.1-dev)",
         minimum=-4.0, maximum=4.0, soft_min=0.0, soft_max=2.0, cli="--lora-strength", blender="scene",
+    ),
+    Param(
+        "loras", "loras", (), "Extra LoRAs",
+        "Your own FLUX LoRAs on top of DiT360 (kohya, BFL/ComfyUI or diffusers .safetensors), "
+        "each with a strength; on the command line FILE[:STRENGTH], repeatable",
+        minimum=-4.0, maximum=4.0, cli="--lora-extra",
     ),
     Param(
         "sun_share", "float", 0.6, "Sun Share",
@@ -313,11 +322,19 @@ def _type_ok(p: Param, value: Any) -> bool:
         return isinstance(value, str)
     if p.kind == "bool":
         return isinstance(value, bool)
+    if p.kind == "loras":
+        return isinstance(value, (list, tuple))
     return isinstance(value, dict)
 
 
 def _kind_text(p: Param) -> str:
-    text = {"int": "a whole number", "float": "a number", "bool": "true or false", "object": "an object"}
+    text = {
+        "int": "a whole number",
+        "float": "a number",
+        "bool": "true or false",
+        "object": "an object",
+        "loras": "a list of {path, strength}",
+    }
     return text.get(p.kind, "a string") + (" or null" if p.nullable else "")
 
 
@@ -394,4 +411,43 @@ def _check_models(models: Any) -> dict:
     }
 
 
-_SPECIAL = {"prompt": _check_prompt, "output_dir": _check_output_dir, "filename": _check_stem}
+def _check_loras(items: list | tuple) -> tuple[dict, ...]:
+    """Each LoRA: an existing-looking file path and a strength within the table's limits."""
+    p = BY_NAME["loras"]
+    if len(items) > MAX_LORAS:
+        raise ParamError(f"{len(items)} extra LoRAs were given.", f"Use at most {MAX_LORAS}.")
+    out = []
+    for item in items:
+        if not isinstance(item, Mapping) or set(item) - {"path", "strength"} or "path" not in item:
+            raise ParamError(
+                f"An extra LoRA must be {{path, strength}}, got {item!r:.80}.",
+                'e.g. {"path": "/loras/style.safetensors", "strength": 0.8}',
+            )
+        path, strength = item["path"], item.get("strength", 1.0)
+        if not isinstance(path, str) or not path.strip() or "\0" in path:
+            raise ParamError(
+                f"The LoRA path {path!r:.80} is not a file path.", "Give the .safetensors file's path."
+            )
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, (int, float))
+            or not math.isfinite(strength)
+        ):
+            raise ParamError(
+                f"The strength of {path} must be a number, got {strength!r:.40}.", "Use e.g. 0.8."
+            )
+        if not p.minimum <= strength <= p.maximum:
+            raise ParamError(
+                f"The strength of {path} is {strength}, outside {p.minimum:g} to {p.maximum:g}.",
+                "Use a strength such as 0.5-1.0 (negative values invert a LoRA).",
+            )
+        out.append({"path": os.path.expanduser(path), "strength": float(strength)})
+    return tuple(out)
+
+
+_SPECIAL = {
+    "prompt": _check_prompt,
+    "output_dir": _check_output_dir,
+    "filename": _check_stem,
+    "loras": _check_loras,
+}

@@ -184,6 +184,23 @@ def test_lora_with_foreign_keys_is_reported(tiny_models, tmp_path, capsys, empty
     assert not out.exists()
 
 
+def test_lora_extra_is_applied_and_recorded(tiny_models, tmp_path):
+    from lora_files import bfl_style_lora
+    from safetensors.torch import load_file
+
+    flux = load_file(str(tiny_models["flux"] / "flux1-dev.safetensors"))
+    style = bfl_style_lora(flux, tmp_path / "style.safetensors", "kohya", seed=3)
+    images = []
+    for extra in ([], ["--lora-extra", f"{style}:0.8"]):
+        out = tmp_path / f"pano{len(images)}.png"
+        done = run_cli("generate", "This is a panorama. A red desert", "--seed", "42", "--out", str(out),
+                       "--models-dir", str(tiny_models["root"]), "--no-hdr", *extra, *TINY)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        images.append(np.asarray(Image.open(out)).astype(float))
+    assert np.abs(images[1] - images[0]).mean() > 1  # the LoRA changed the world
+    assert read_png_metadata(out)["loras"] == [{"file": "style.safetensors", "strength": 0.8}]
+
+
 def test_unwritable_output_leaves_nothing(tiny_models, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

@@ -41,6 +41,10 @@ def test_cli_option_matches_the_table(name):
     if p.kind == "bool":
         assert isinstance(action, argparse._StoreFalseAction) and p.default is True
         return
+    if p.kind == "loras":  # repeatable; cli.lora_items turns the strings into the table's value
+        assert isinstance(action, argparse._AppendAction) and action.default is None
+        assert p.help in action.help and f"{p.minimum:g} to {p.maximum:g}" in action.help
+        return
     expected_default = None if name == "seed" else p.default  # no --seed: a random seed
     assert action.default == expected_default
     assert action.type is {"int": int, "float": float}.get(p.kind, str)
@@ -53,6 +57,32 @@ def test_cli_lists_no_parameter_the_table_lacks():
     skipped = {"help", "out", "no_lora", "models_dir", "download", "quiet"}
     dests = {d for d in _generate_actions() if not d.startswith("path_")} - skipped
     assert dests == {p.name for p in TABLE.values() if p.cli is not None}
+
+
+def test_cli_lora_extra_gives_the_table_value_and_its_limits():
+    from dit360_blender.cli import lora_items
+
+    args = build_parser().parse_args(
+        ["generate", "x", "--lora-extra", "/l/a.safetensors:0.5", "--lora-extra", "C:\\l\\b.safetensors"]
+    )
+    values = params.check_values({"loras": lora_items(args.loras)})
+    assert values["loras"] == (
+        {"path": "/l/a.safetensors", "strength": 0.5},
+        {"path": "C:\\l\\b.safetensors", "strength": 1.0},
+    )
+    p = TABLE["loras"]
+    assert check_generate_params({**BASE, "loras": [{"path": "/a", "strength": p.maximum}]})["loras"]
+    for bad in (
+        [{"path": "/a", "strength": p.maximum + 1e-6}],
+        [{"path": "/a", "strength": p.minimum - 1e-6}],
+        [{"path": "", "strength": 1.0}],
+        [{"path": "/a", "strength": "strong"}],
+        [{"file": "/a"}],
+        "/a.safetensors",
+        [{"path": f"/{i}"} for i in range(params.MAX_LORAS + 1)],
+    ):
+        with pytest.raises(ProtocolError):
+            check_generate_params({**BASE, "loras": bad})
 
 
 def test_protocol_defaults_are_the_table_defaults():

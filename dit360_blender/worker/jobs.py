@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ Send = Callable[[dict], None]
 
 class ModelCache:
     """Keeps one loaded pipeline; a job with the same models and load settings (device, dtype,
-    LoRA strength, memory mode, VAE wrap) reuses it. Only one is kept: a 12B model twice would not fit, so a change unloads first."""
+    LoRA strength, memory mode, VAE wrap, the same user LoRA files and strengths) reuses it. Only one is kept: a 12B model twice would not fit, so a change unloads first."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -62,6 +62,7 @@ class ModelCache:
             params["memory_mode"],
             params["vram_budget_gib"],
             bool(params["vae_wrap"]),
+            lora_identities(params["loras"]),
         )
         if key == self.key and self.pipe is not None:
             return self.pipe, True
@@ -79,6 +80,7 @@ class ModelCache:
             vram_budget_gib=params["vram_budget_gib"],
             compile=params.get("compile", "auto"),
             vae_wrap=bool(params["vae_wrap"]),
+            loras=[(item["path"], item["strength"]) for item in params["loras"]],
         )
         self.key, self.loads = key, self.loads + 1
         return self.pipe, False
@@ -95,6 +97,21 @@ class ModelCache:
             logger.info("unloading models")
         self.pipe, self.key, self._projection = None, None, None
         free_memory()
+
+
+def lora_identities(loras: Sequence[dict]) -> tuple:
+    """The user LoRAs as a cache key: each file by its resolved path, size and modification time
+    (a LoRA saved again under the same name, e.g. by a training run, loads anew) and strength."""
+    out = []
+    for item in loras:
+        path = Path(item["path"]).expanduser()
+        try:
+            stat = path.stat()
+            identity: tuple = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        except OSError:  # missing: the load reports it
+            identity = (str(path), None, None)
+        out.append((*identity, float(item["strength"])))
+    return tuple(out)
 
 
 def free_memory() -> None:
