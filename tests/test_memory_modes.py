@@ -85,3 +85,18 @@ def test_fp8_keeps_everything_resident_only_on_a_card_with_room(monkeypatch, fre
     assert plan.quantize_fp8 and plan.roomy is roomy
     assert plan.stream_text_encoder is (not roomy)
     assert plan.vae_tile == (None if roomy else 128)
+
+
+def test_concurrent_loading_surfaces_a_text_encoder_failure_and_leaves_no_thread(tiny_paths, tmp_path):
+    """The text encoders load on a side thread beside the transformer: their failure is the load's."""
+    import dataclasses
+    import threading
+
+    from dit360_blender.pipeline.dit360 import DiT360Pipeline
+    from dit360_blender.pipeline.errors import WeightsMissingError
+
+    broken = dataclasses.replace(tiny_paths, tokenizer_2=tmp_path / "no-tokenizer-here")
+    with pytest.raises(WeightsMissingError) as info:
+        DiT360Pipeline.load(broken, device="cpu", dtype="fp32")
+    assert "no-tokenizer-here" in info.value.message and info.value.hint
+    assert not [t for t in threading.enumerate() if t.name.startswith("dit360-text-load")]

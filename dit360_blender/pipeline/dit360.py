@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,35 +163,26 @@ class DiT360Pipeline:
         plan = plan_memory(memory_mode, device, vram_budget_gib)
         set_attention_backend(attention, device)
         text_device = "cpu" if plan.stream_text_encoder else device
-        text_encoders = TextEncoders.load(
-            paths.text_encoder,
-            paths.tokenizer,
-            paths.text_encoder_2,
-            paths.tokenizer_2,
-            dtype=dtype,
-            device=text_device,
-        )
-        merge = None
-        dit360_lora = paths.lora if lora_strength != 0.0 else None
-        if dit360_lora is not None or loras:  # `loras`: the user's own, (file, strength), on top
-            params = infer_params(read_shapes(paths.transformer), axes_dim)
-            extra = [(load_lora(path), float(strength)) for path, strength in loras]
-            merge = LoraMerger(load_lora(dit360_lora) if dit360_lora else None, params, lora_strength, extra)
-        transformer = load_flux_transformer(
-            paths.transformer,
-            dtype=dtype,
-            device="cpu" if plan.stream_transformer else device,
-            axes_dim=axes_dim,
-            merge=merge,
-            quantize_fp8=plan.quantize_fp8,
-            work_device=device,
-        )
+        # The text encoders load on a side thread while the transformer loads here: both are mostly
+        # file reads and copies, which release the GIL. (Our models take every tensor from the file,
+        # so transformers setting the default dtype meanwhile cannot change them.)
+        loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-text-load")
+        text_future = loading.submit(
+            TextEncoders.load, paths.text_encoder, paths.tokenizer, paths.text_encoder_2, paths.tokenizer_2,
+            dtype=dtype, device=text_device,
+        )  # fmt: skip
+        try:
+            transformer, vae = _load_transformer_and_vae(
+                paths, plan, device, dtype, axes_dim, lora_strength, loras
+            )
+            text_encoders = text_future.result()
+        finally:
+            loading.shutdown(wait=True)  # never leave a load running behind an error
         enable_fp8_matmul(transformer, device, dtype)
         if compile == "auto":
             compile = _can_compile(plan, device)
         if compile:
             _compile(transformer, plan, device)
-        vae = load_autoencoder(paths.vae, dtype=dtype, device=device)
         streamers = _place_for_streaming(plan, device, text_encoders, transformer, vae)
         info = {
             "model": FLUX_REPO,
@@ -281,6 +273,35 @@ class DiT360Pipeline:
 
 DEFAULT_IMAGE_TOKENS = 64 * 130  # 2048x1024 with DiT360's two wrap columns
 STREAM_PREFETCH = 2
+
+
+def _load_transformer_and_vae(
+    paths: ModelPaths,
+    plan: MemoryPlan,
+    device: torch.device,
+    dtype: torch.dtype,
+    axes_dim: list[int] | None,
+    lora_strength: float,
+    loras: Sequence[tuple[str | Path, float]],
+) -> tuple[Flux, AutoEncoder]:
+    """The transformer with DiT360's LoRA (and the user's) merged, and the VAE."""
+    merge = None
+    dit360_lora = paths.lora if lora_strength != 0.0 else None
+    if dit360_lora is not None or loras:  # `loras`: the user's own, (file, strength), on top
+        params = infer_params(read_shapes(paths.transformer), axes_dim)
+        extra = [(load_lora(path), float(strength)) for path, strength in loras]
+        merge = LoraMerger(load_lora(dit360_lora) if dit360_lora else None, params, lora_strength, extra)
+    transformer = load_flux_transformer(
+        paths.transformer,
+        dtype=dtype,
+        device="cpu" if plan.stream_transformer else device,
+        axes_dim=axes_dim,
+        merge=merge,
+        quantize_fp8=plan.quantize_fp8,
+        work_device=device,
+    )
+    vae = load_autoencoder(paths.vae, dtype=dtype, device=device)
+    return transformer, vae
 
 
 def _streamed_blocks(block_bytes: list[int], room: int) -> list[int]:
