@@ -182,7 +182,19 @@ result = {
     "history": dump(props.DIT360_HistoryEntry.bl_rna),
     "operator": dump(bpy.ops.dit360.generate.get_rna_type()),
     "prefs": dump(prefs.DIT360_Preferences.bl_rna),
+    "lora_item": dump(props.DIT360_LoraItem.bl_rna),
 }
+# the panel's LoRA list as the job gets it: add three rows, fill two, remove the middle one,
+# leave a last one empty
+settings = bpy.context.scene.dit360
+for _ in range(4):
+    bpy.ops.dit360.add_lora()
+settings.loras[0].path, settings.loras[0].strength = "/loras/style.safetensors", 0.7
+settings.loras[1].path = "/loras/removed.safetensors"
+settings.loras[2].path = "/loras/subject.safetensors"
+bpy.ops.dit360.remove_lora(index=1)
+from dit360_blender.blender.generation import scene_loras
+result["scene_loras"] = scene_loras(settings)
 print("RESULT " + json.dumps(result), flush=True)
 os._exit(0)
 """
@@ -241,3 +253,18 @@ def test_blender_panel_has_every_scene_parameter(blender_props):
     assert scene_params <= set(blender_props["operator"])
     prefs_params = {p.name for p in TABLE.values() if p.blender == "prefs"}
     assert prefs_params <= set(blender_props["prefs"])
+
+
+def test_blender_lora_list_matches_the_table_and_reaches_the_job(blender_props):
+    p = TABLE["loras"]
+    assert blender_props["scene"]["loras"]["type"] == "COLLECTION"
+    item = blender_props["lora_item"]
+    assert item["path"]["type"] == "STRING" and item["strength"]["type"] == "FLOAT"
+    assert (item["strength"]["min"], item["strength"]["max"]) == (p.minimum, p.maximum)
+    assert item["strength"]["default"] == 1.0
+    loras = blender_props["scene_loras"]
+    assert loras == [
+        {"path": "/loras/style.safetensors", "strength": pytest.approx(0.7)},
+        {"path": "/loras/subject.safetensors", "strength": 1.0},
+    ]
+    assert check_generate_params({**BASE, "loras": loras})["loras"]  # what the protocol accepts

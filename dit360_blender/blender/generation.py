@@ -89,7 +89,18 @@ def _job_from_settings(scene: bpy.types.Scene, link: WorkerLink, overrides: dict
         output_dir=str(out_dir),
         models_dir=models_dir,
         model_paths=model_paths,
+        loras=scene_loras(settings),
     )
+
+
+def scene_loras(settings: bpy.types.PropertyGroup) -> list[dict]:
+    """The panel's extra LoRAs as the table's `loras` items; rows without a file are skipped and
+    '//' paths are made absolute from the .blend, since the worker does not know where it is."""
+    return [
+        {"path": bpy.path.abspath(item.path), "strength": float(item.strength)}
+        for item in settings.loras
+        if item.path.strip()
+    ]
 
 
 def _reset_state(job_id: str, steps: int, starting: bool) -> None:

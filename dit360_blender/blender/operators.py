@@ -5,6 +5,7 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
+from ..params import MAX_LORAS
 from . import history
 from .common import ADDON_PACKAGE, runtime, tag_redraw
 from .errors import GenerationError
@@ -182,6 +183,39 @@ class DIT360_OT_remove_history(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class DIT360_OT_add_lora(bpy.types.Operator):
+    """Add one of your own FLUX LoRAs (a .safetensors file) on top of DiT360"""
+
+    bl_idname = "dit360.add_lora"
+    bl_label = "Add LoRA"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        loras = context.scene.dit360.loras
+        if len(loras) >= MAX_LORAS:
+            self.report({"ERROR"}, f"At most {MAX_LORAS} extra LoRAs.")
+            return {"CANCELLED"}
+        loras.add()
+        return {"FINISHED"}
+
+
+class DIT360_OT_remove_lora(bpy.types.Operator):
+    """Remove this LoRA from the list (the file stays on disk)"""
+
+    bl_idname = "dit360.remove_lora"
+    bl_label = "Remove LoRA"
+    bl_options = {"REGISTER", "UNDO"}
+
+    index: IntProperty(name="Index", default=0, min=0)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        loras = context.scene.dit360.loras
+        if not 0 <= self.index < len(loras):
+            return {"CANCELLED"}
+        loras.remove(self.index)
+        return {"FINISHED"}
+
+
 class DIT360_OT_preview_lighting(bpy.types.Operator):
     """Show the scene lit by its World in the 3D viewports (Material Preview or Rendered, with the scene World instead of a studio HDRI)"""
 
@@ -335,6 +369,8 @@ CLASSES = (
     DIT360_OT_apply_history,
     DIT360_OT_history_to_panel,
     DIT360_OT_remove_history,
+    DIT360_OT_add_lora,
+    DIT360_OT_remove_lora,
     DIT360_OT_preview_lighting,
     DIT360_OT_install_dependencies,
     DIT360_OT_cancel_install,

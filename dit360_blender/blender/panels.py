@@ -234,6 +234,24 @@ class DIT360_PT_advanced(bpy.types.Panel):
         self.layout.operator("dit360.stop_worker", icon="X")
 
 
+class DIT360_PT_loras(bpy.types.Panel):
+    bl_label = "Extra LoRAs"
+    bl_parent_id = "DIT360_PT_main"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "DiT360"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout = self.layout
+        for index, item in enumerate(context.scene.dit360.loras):
+            row = layout.row(align=True)
+            row.prop(item, "path", text="")
+            row.prop(item, "strength", text="")
+            row.operator("dit360.remove_lora", text="", icon="X").index = index
+        layout.operator("dit360.add_lora", icon="ADD")
+
+
 class DIT360_PT_world(bpy.types.Panel):
     bl_label = "World"
     bl_parent_id = "DIT360_PT_main"
@@ -297,6 +315,7 @@ CLASSES = (
     DIT360_UL_history,
     DIT360_PT_main,
     DIT360_PT_advanced,
+    DIT360_PT_loras,
     DIT360_PT_world,
     DIT360_PT_history,
     DIT360_PT_world_properties,

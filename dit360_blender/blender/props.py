@@ -53,6 +53,28 @@ class DIT360_HistoryEntry(bpy.types.PropertyGroup):
     lighting_json: StringProperty(name="Lighting")
 
 
+_LORAS = BY_NAME["loras"]
+
+
+class DIT360_LoraItem(bpy.types.PropertyGroup):
+    """One of the user's own LoRAs (an item of the table's `loras`): its file and strength."""
+
+    path: StringProperty(
+        name="LoRA File",
+        description="A FLUX LoRA .safetensors (kohya, BFL/ComfyUI or diffusers format)",
+        subtype="FILE_PATH",
+    )
+    strength: FloatProperty(
+        name="Strength",
+        description="How strongly this LoRA applies on top of DiT360 (1.0 as trained)",
+        default=1.0,
+        min=_LORAS.minimum,
+        max=_LORAS.maximum,
+        soft_min=0.0,
+        soft_max=2.0,
+    )
+
+
 class DIT360_SceneSettings(bpy.types.PropertyGroup):
     # the generation settings: names, limits and help are the parameter table's (params.py)
     prompt: param_property("prompt", default=DEFAULT_PROMPT)
@@ -77,6 +99,7 @@ class DIT360_SceneSettings(bpy.types.PropertyGroup):
         name="Pack Into .blend", description="Embed generated images in the .blend file", default=False
     )
     show_advanced: BoolProperty(name="Advanced", default=False)
+    loras: CollectionProperty(type=DIT360_LoraItem, name=_LORAS.label, description=_LORAS.help)
     history: CollectionProperty(type=DIT360_HistoryEntry)
     history_index: IntProperty(name="History", default=0)
 
@@ -209,6 +232,7 @@ class DIT360_Runtime(bpy.types.PropertyGroup):
 
 CLASSES = (
     DIT360_HistoryEntry,
+    DIT360_LoraItem,
     DIT360_SceneSettings,
     DIT360_WorldSettings,
     DIT360_DownloadFile,
