@@ -62,6 +62,12 @@ WORKER_VARIANTS: dict[str, dict] = {
     "auto bf16": {"dtype": "bf16", "compile": "auto"},
     "auto fp16": {"dtype": "fp16", "compile": "auto"},
     "fastest": {"dtype": "bf16", "speed": "fastest", "compile": "on"},
+    # the 16 GiB layout (T5 streamed, tiled decode) and the 8 GiB stream budget, for device-level VRAM
+    "fp8 16GiB": {"dtype": "bf16", "memory_mode": "fp8", "vram_budget_gib": 16.0, "compile": "on"},
+    "stream 8GiB": {"dtype": "bf16", "memory_mode": "stream", "vram_budget_gib": 8.0, "compile": "off"},
+    # every middle step skipped: the cost of a skipped step (an upper bound of the cache's gain,
+    # not an image one would keep; random weights never pass the 0.1 threshold on their own)
+    "cache every step": {"dtype": "bf16", "memory_mode": "fp8", "compile": "on", "step_cache": 1.0},
 }
 
 
