@@ -137,36 +137,60 @@ def test_comfy_scaled_fp8_loads_and_dequantises_with_its_scales(base, bfl, tmp_p
 # --- ComfyUI all-in-one checkpoints -------------------------------------------------------------
 
 
-def _text_states(flux: Path) -> tuple[dict, dict]:
-    clip = load_file(str(flux / "text_encoder" / "model.safetensors"))
+def _wide_clip(folder: Path, vocab_size: int) -> dict:
+    """A tiny CLIP text model with CLIP's 64-wide heads (2 of them), saved as FLUX.1-dev's
+    text_encoder/ would be (FLUX.1-dev's config values; the tiny stack's CLIP has 8-wide heads)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=128, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    model = CLIPTextModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(folder)
+    # ComfyUI's files keep transformers' classic names, `text_model.…` (transformers 5 saves none)
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in model.state_dict().items()}
+
+
+def _t5_state(flux: Path) -> dict:
     t5: dict = {}
     for shard in sorted((flux / "text_encoder_2").glob("*.safetensors")):
         t5.update(load_file(str(shard)))
-    return clip, t5
+    return t5
 
 
 @pytest.mark.parametrize("text_root", ["text_encoders.", "cond_stage_model."])
-def test_all_in_one_checkpoint_gives_transformer_and_vae(tiny_models, tmp_path, hf_cache, text_root):
+def test_all_in_one_checkpoint_gives_every_part_it_holds(tiny_models, tmp_path, hf_cache, text_root):
     from comfy_files import write_all_in_one
 
+    from dit360_blender.pipeline.text_encoders import TextEncoders
     from dit360_blender.pipeline.vae_checkpoint import load_autoencoder
 
     flux = tiny_models["flux"]
-    clip, t5 = _text_states(flux)
+    reference_folders = tmp_path / "reference"
+    for folder in ("tokenizer", "text_encoder_2", "tokenizer_2"):
+        shutil.copytree(flux / folder, reference_folders / folder)
+    vocab = len(TextEncoders.load_from_repo(flux).clip_tokenizer)
+    clip = _wide_clip(reference_folders / "text_encoder", vocab)
     aio = write_all_in_one(
         tmp_path / "checkpoints" / "flux1-dev-aio.safetensors",
         load_file(str(flux / "flux1-dev.safetensors")),
         load_file(str(flux / "ae.safetensors")),
         clip,
-        t5,
+        _t5_state(flux),
         text_root,
     )
     models = tmp_path / "models"
-    for folder in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+    for folder in ("tokenizer", "tokenizer_2"):  # what such a checkpoint never holds
         shutil.copytree(flux / folder, models / "FLUX.1-dev" / folder)
     paths = resolve_model_paths(explicit={"transformer": aio}, models_dir=models, use_lora=False)
-    assert paths.transformer == aio and paths.vae == aio
-    assert paths.text_encoder == models / "FLUX.1-dev" / "text_encoder"
+    assert paths.transformer == paths.vae == paths.text_encoder == paths.text_encoder_2 == aio
+    assert paths.tokenizer == models / "FLUX.1-dev" / "tokenizer"
 
     ours = load_flux_transformer(paths.transformer, torch.float32).state_dict()
     reference = load_file(str(flux / "flux1-dev.safetensors"))
@@ -174,16 +198,35 @@ def test_all_in_one_checkpoint_gives_transformer_and_vae(tiny_models, tmp_path, 
     vae = load_autoencoder(paths.vae).state_dict()
     ae = load_file(str(flux / "ae.safetensors"))
     assert set(vae) == set(ae) and all(torch.equal(vae[k], ae[k]) for k in ae)
+    # the text encoders out of the checkpoint encode as transformers' own loading of the folders
+    got = TextEncoders.load(paths.text_encoder, paths.tokenizer, paths.text_encoder_2, paths.tokenizer_2,
+                            dtype=torch.float32)  # fmt: skip
+    want = TextEncoders.load_from_repo(reference_folders, dtype=torch.float32)
+    for a, b in zip(got.encode("a harbour at dawn", 16), want.encode("a harbour at dawn", 16), strict=True):
+        assert b.abs().max() > 0 and torch.equal(a, b)
 
-    # without the text encoders anywhere, the message names them, says the checkpoint was looked
-    # at (and what it holds), and where to put the missing files
-    shutil.rmtree(models / "FLUX.1-dev" / "text_encoder_2")
+    # without a tokenizer anywhere, the message names it, says the checkpoint was looked at (and
+    # what it holds), and where to put the missing files
+    shutil.rmtree(models / "FLUX.1-dev" / "tokenizer_2")
     with pytest.raises(WeightsMissingError) as err:
         resolve_model_paths(explicit={"transformer": aio}, models_dir=models, use_lora=False)
     first, *rest = err.value.message.splitlines()
-    assert "text_encoder_2" in first and "vae" not in first and "transformer" not in first
+    assert "tokenizer_2" in first and "text_encoder_2" not in first and "vae" not in first
     assert any(str(aio) in line and "T5-XXL" in line for line in rest)
-    assert str(models / "FLUX.1-dev" / "text_encoder_2" / "config.json") in err.value.hint
+    assert str(models / "FLUX.1-dev" / "tokenizer_2" / "spiece.model") in err.value.hint
+
+
+def test_all_in_one_without_text_encoders_takes_them_from_the_folders(tiny_models, tmp_path, hf_cache):
+    from comfy_files import write_all_in_one
+
+    flux = tiny_models["flux"]
+    aio = write_all_in_one(
+        tmp_path / "aio.safetensors",
+        load_file(str(flux / "flux1-dev.safetensors")),
+        load_file(str(flux / "ae.safetensors")),
+    )
+    paths = resolve_model_paths(explicit={"transformer": aio}, models_dir=tiny_models["root"], use_lora=False)
+    assert paths.vae == aio and paths.text_encoder == flux / "text_encoder"
 
 
 def test_transformer_only_checkpoint_takes_no_vae_from_it(tiny_models, tmp_path, hf_cache):

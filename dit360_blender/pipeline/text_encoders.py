@@ -24,6 +24,7 @@ import torch
 
 from .errors import BadCheckpointError, BadParametersError, DeviceError, DiT360Error, WeightsMissingError
 from .safetensors_io import check_safetensors_file, safetensors_files_in
+from .text_checkpoint import load_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,8 @@ def _load_tokenizer(tokenizer_cls, folder: Path, repo_folder: str, alternatives:
 
 def _load_model(model_cls, folder: Path, repo_folder: str, model_types: tuple[str, ...], dtype: torch.dtype):
     """Check config + weights ourselves (clear errors), then let transformers load them once."""
+    if folder.is_file():  # a ComfyUI all-in-one checkpoint holding this encoder
+        return load_from_checkpoint(model_cls, folder, dtype)
     _require_folder(folder, repo_folder, "Text encoder")
     config_path = folder / "config.json"
     if not config_path.is_file():

@@ -118,9 +118,9 @@ class ModelPaths:
 
     transformer: Path  # flux1-dev.safetensors file (or a diffusers transformer/ folder when given explicitly)
     vae: Path  # ae.safetensors file (or a diffusers vae/ folder)
-    text_encoder: Path  # folder
+    text_encoder: Path  # folder (or an all-in-one checkpoint holding CLIP-L)
     tokenizer: Path  # folder
-    text_encoder_2: Path  # folder
+    text_encoder_2: Path  # folder (or an all-in-one checkpoint holding T5-XXL)
     tokenizer_2: Path  # folder
     lora: Path | None  # the LoRA .safetensors file (adapter_config.json beside it when the repo has one)
 

@@ -97,21 +97,23 @@ def search(
     return found, notes
 
 
+_HELD_BY = {"vae": "vae", "text_encoder": "clip_l", "text_encoder_2": "t5xxl"}  # component -> part
+
+
 def _from_checkpoint(component: str, transformer: Path | None, notes: dict[str, list[str]]) -> bool:
     """True when the transformer's file is an all-in-one checkpoint that holds ``component``.
 
-    Its VAE is used; its text encoders are not (they need FLUX.1-dev's tokenizers and configs
-    anyway), which the notes say, so a message about missing text encoders explains itself.
+    Its VAE and text encoders are used; the tokenizers never are in such a file. What is not in it
+    is noted, so a message about the parts still missing explains itself.
     """
     parts = checkpoint_parts(transformer) if transformer is not None else None
     if parts is None or not parts.all_in_one:
         return False
-    if component == "vae" and parts.vae:
+    if component in _HELD_BY and getattr(parts, _HELD_BY[component]):
         return True
     if component != "lora":
         notes[component].append(
-            f"the all-in-one checkpoint {transformer} (it holds {parts.described()}; "
-            f"the {component} is never read from it)"
+            f"the all-in-one checkpoint {transformer} (it holds {parts.described()}; not the {component})"
         )
     return False
 
