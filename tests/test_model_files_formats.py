@@ -247,3 +247,33 @@ def test_gguf_file_is_not_called_truncated(tmp_path):
     path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(64))
     problem = safetensors_problem(path)
     assert problem is not None and problem.kind == "foreign" and "GGUF" in problem.text
+
+
+def test_fp8_text_encoder_tensors_are_dequantised_with_their_scale(tmp_path):
+    """ComfyUI's fp8 all-in-one files store T5 in float8 (optionally with a scale per tensor)."""
+    from dit360_blender.pipeline.text_checkpoint import _read_part
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=gen)
+    scale = w.abs().amax() / 448
+    q = (w / scale).to(torch.float8_e4m3fn)
+    prefix = "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention."
+    save_file(
+        {
+            f"{prefix}q.weight": q,
+            f"{prefix}q.scale_weight": scale.reshape(()),
+            f"{prefix}k.weight": q.clone(),  # unscaled
+            "model.diffusion_model.img_in.weight": torch.randn(4, 4),
+        },
+        str(tmp_path / "aio.safetensors"),
+    )
+    state = _read_part(tmp_path / "aio.safetensors", "t5xxl.transformer.", torch.float32)
+    assert set(state) == {
+        "encoder.block.0.layer.0.SelfAttention.q.weight",
+        "encoder.block.0.layer.0.SelfAttention.k.weight",
+    }
+    expected = q.double() * scale.double()
+    assert torch.allclose(
+        state["encoder.block.0.layer.0.SelfAttention.q.weight"].double(), expected, rtol=1e-6
+    )
+    assert torch.equal(state["encoder.block.0.layer.0.SelfAttention.k.weight"], q.float())
