@@ -124,3 +124,29 @@ def test_gguf_of_another_model_is_refused(tmp_path):
     writer.close()
     with pytest.raises(BadCheckpointError, match="t5encoder"):
         load_flux_transformer(path, torch.float32)
+
+
+def test_gguf_with_loras_runs_them_beside_the_blocks(flux, tiny_models, tmp_path):
+    """The DiT360 LoRA (and a user's) on a GGUF: a side path beside the quantised blocks, equal to
+    merging them into the same (dequantised) weights; the fp8 memory mode keeps the GGUF blocks."""
+    from test_parity_transformer import rel_err
+
+    from dit360_blender.pipeline.flux_checkpoint import infer_params, read_shapes
+    from dit360_blender.pipeline.lora import LoraMerger, LowRankPath, load_lora
+
+    path = tmp_path / "flux1-dev-Q4_K.gguf"
+    held = write_flux_gguf(path, flux, Q.Q4_K)
+    st = tmp_path / "same.safetensors"
+    save_file({k: v.contiguous() for k, v in held.items()}, str(st))
+    params = infer_params(read_shapes(path))
+
+    def merger():
+        return LoraMerger(load_lora(tiny_models["lora"]), params, 0.9)
+
+    ours = load_flux_transformer(path, torch.float32, merge=merger(), quantize_fp8=True)
+    qkv = ours.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, GGUFLinear) and isinstance(qkv.lora, LowRankPath)
+    reference = load_flux_transformer(st, torch.float32, merge=merger())
+    plain = load_flux_transformer(st, torch.float32)
+    assert rel_err(_run(ours), _run(reference)) <= 1e-5
+    assert rel_err(_run(plain), _run(reference)) > 1e-3  # the LoRA matters
