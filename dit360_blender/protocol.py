@@ -9,6 +9,9 @@ One message per line: a UTF-8 JSON object followed by ``\\n`` (JSON escapes newl
 so a raw newline only ever ends a message). A line longer than ``MAX_MESSAGE_BYTES`` is refused with
 ``message_too_large`` and skipped up to its end, so one bad frame never desynchronises the stream.
 Blank lines are ignored. Nothing is ever pickled or evaluated: ``json.loads`` and field type checks.
+Any string can be sent: a lone surrogate (how Python holds a non-UTF-8 byte of a file name, or what a
+JSON ``"\\ud800"`` escape gives) has no UTF-8 form, so ``encode`` writes it as the text ``\\xNN`` (the
+byte) or ``\\uXXXX``: readable, and never a reason to fail.
 
 Every message has ``"v"`` (``PROTOCOL_VERSION``) and ``"type"``. Fields not listed below are ignored
 (room for additions within a version); a missing or mistyped listed field is ``bad_message``.
@@ -192,7 +195,7 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
         "metadata": ((_D,), True),
         "timings": ((_D,), True),
         "model_cached": ((_B,), True),
-        "files": ((_D,), False),  # {"hdr": path, "lighting": path} when HDR files were written
+        "files": ((_D,), False),  # {"hdr", "lighting"[, "hdr_exr", "lighting_exr"]: path} with HDR files
     },
     "error": {
         "job_id": ((_S, _0), True),
@@ -256,9 +259,12 @@ def encode(msg: Mapping[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
         raise ProtocolError("bad_message", "A message needs 'v' and 'type'.", "Build it with message().")
     try:
         text = json.dumps(msg, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolError("bad_message", f"Message is not JSON-serialisable: {exc}.") from None
-    data = text.encode("utf-8") + b"\n"
+    try:
+        data = text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:  # lone surrogates: they only occur inside JSON strings
+        data = _LONE_SURROGATE.sub(_escaped_surrogate, text).encode("utf-8") + b"\n"
     if len(data) > limit:
         raise ProtocolError(
             "message_too_large",
@@ -266,6 +272,17 @@ def encode(msg: Mapping[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
             "Send less (previews at most 512x256).",
         )
     return data
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped_surrogate(match: re.Match) -> str:
+    """The JSON text of a backslash escape standing for one lone surrogate."""
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the file name's byte, as Python writes bytes
+        return f"\\\\x{code - 0xDC00:02x}"
+    return f"\\\\u{code:04x}"
 
 
 # ----------------------------------------------------------------------------------------------

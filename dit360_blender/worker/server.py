@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..protocol import (
     CLIENT_MESSAGES,
+    FINAL_TYPES,
     FrameDecoder,
     ProtocolError,
     check_generate_params,
@@ -54,11 +55,16 @@ class Connection:
         self._lock = threading.Lock()
 
     def send(self, msg: dict) -> bool:
+        """Send one message; never raises. A job's final event that cannot be encoded (too large,
+        a NaN in its metadata) is replaced by an `error` for the job, so the job still ends."""
         try:
             data = encode(msg)
-        except ProtocolError as exc:
-            logger.warning("not sent: %s", exc.message)
-            return False
+        except Exception as exc:  # one bad message must not end the thread (or the worker) sending it
+            logger.warning("not sent: a %s message: %s", msg.get("type"), getattr(exc, "message", exc))
+            replacement = _undeliverable(msg, exc)
+            if replacement is None:
+                return False
+            data = encode(replacement)
         data = redact(data.decode("utf-8"), self.secrets).encode("utf-8")
         with self._lock:
             if self.closed:
@@ -82,6 +88,20 @@ class Connection:
             except OSError:
                 pass
             self.sock.close()
+
+
+def _undeliverable(msg: dict, exc: Exception) -> dict | None:
+    """What to send instead of a job's final event that could not be encoded; None for other messages."""
+    job_id = msg.get("job_id")
+    if msg.get("type") not in FINAL_TYPES or not isinstance(job_id, str):
+        return None
+    reason = exc.message if isinstance(exc, ProtocolError) else type(exc).__name__
+    return error(
+        "internal",
+        f"The job's {msg['type']} message could not be sent ({reason}).",
+        "Its files may be in the output folder; the worker log has the details.",
+        job_id=job_id,
+    )
 
 
 class Worker:
@@ -193,7 +213,8 @@ class Worker:
                 f"The first message must be hello (with the token), not {msg['type']}.",
                 "Connect through dit360_blender.client, which sends the token.",
             )
-        if not hmac.compare_digest(msg["token"].encode("utf-8"), self.token):
+        # surrogatepass: a token with a lone surrogate is merely wrong, not a crash of this thread
+        if not hmac.compare_digest(msg["token"].encode("utf-8", "surrogatepass"), self.token):
             return ProtocolError(
                 "unauthorized",
                 "Wrong token: this worker only serves the client that started it.",

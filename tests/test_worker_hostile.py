@@ -1,0 +1,182 @@
+"""The worker attacked as a hostile or unlucky local user would, over a real loopback socket: strings
+that have no UTF-8 form, a hello that is not even text, and one real worker that must keep serving
+real tiny jobs after each of them.
+
+One worker serves the module (tests run in file order; the first authenticated connection owns it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_worker_protocol import HANDSHAKE_S, ROOT, Raw, authenticate, still_served
+
+from dit360_blender.protocol import FINAL_TYPES, PORT_ANNOUNCE, TOKEN_ENV, message
+
+PROMPT = "This is a panorama. A windy moor under low clouds."
+
+
+def raw_frame(msg: dict) -> bytes:
+    """JSON with ASCII escapes: how any client can put a lone surrogate ("\\ud800") on the wire."""
+    return json.dumps(msg, ensure_ascii=True).encode("ascii") + b"\n"
+
+
+def tiny_params(root: Path, out: Path | str, **over) -> dict:
+    params = {
+        "prompt": PROMPT, "output_dir": str(out), "seed": 7, "steps": 1, "width": 32, "height": 16,
+        "device": "cpu", "dtype": "fp32", "hdr": False, "preview_every": 0,
+        "models": {"models_dir": str(root)},
+    }  # fmt: skip
+    params.update(over)
+    return params
+
+
+def final(conn: Raw, job_id: str, timeout: float = 180.0) -> tuple[dict, list[dict]]:
+    """Read up to the job's final event; returns it and every message seen on the way."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = conn.recv(timeout=max(0.1, deadline - time.monotonic()))
+        assert msg is not None, "the worker closed the connection"
+        seen.append(msg)
+        if msg["type"] in FINAL_TYPES and msg.get("job_id") == job_id:
+            return msg, seen
+
+
+def start_worker(logs: Path, token: str) -> tuple[subprocess.Popen, int]:
+    """`python -m dit360_blender.worker` with its stderr in a file (warnings must never fill a pipe)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **{TOKEN_ENV: token})
+    cmd = [
+        sys.executable,
+        "-m",
+        "dit360_blender.worker",
+        "--log-dir",
+        str(logs),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    cmd += ["--handshake-timeout", str(HANDSHAKE_S)]
+    with open(logs / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, cwd=logs)
+    line = proc.stdout.readline().decode()
+    assert line.startswith(PORT_ANNOUNCE), line
+    return proc, int(line.split()[1])
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, tiny_models):
+    token = secrets.token_urlsafe(32)
+    logs = tmp_path_factory.mktemp("hostile-logs")
+    proc, port = start_worker(logs, token)
+    conn = authenticate(port, token)
+    yield {"proc": proc, "port": port, "conn": conn, "models": tiny_models["root"], "logs": logs}
+    conn.close()
+    try:
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+
+
+def run_job(worker, job_id: str, out: Path, **over) -> tuple[dict, list[dict]]:
+    conn = worker["conn"]
+    conn.send(
+        raw_frame(message("generate", job_id=job_id, params=tiny_params(worker["models"], out, **over)))
+    )
+    return final(conn, job_id)
+
+
+def alive(worker) -> None:
+    assert worker["proc"].poll() is None, "the worker exited"
+    still_served(worker["conn"])
+
+
+# -- item 1: strings without a UTF-8 form ----------------------------------------------------------
+
+
+def test_a_lora_named_with_a_non_utf8_byte_is_an_error_not_the_end_of_the_worker(worker, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(worker["models"], models)
+    lora = models / "DiT360" / "adapter_model.safetensors"
+    lora.rename(os.fsdecode(bytes(lora.parent) + b"/adapter_model\xff.safetensors"))
+    for i in range(2):  # it used to kill the worker on every job
+        reply, _ = run_job(worker, f"bad-lora-{i}", tmp_path / "out", models={"models_dir": str(models)})
+        assert reply["type"] == "error" and reply["code"] == "bad_checkpoint"
+        assert "adapter_model\\xff.safetensors" in reply["message"]  # the byte, written out
+        alive(worker)
+    reply, _ = run_job(worker, "after-bad-lora", tmp_path / "out")
+    assert reply["type"] == "result"
+
+
+def test_an_output_path_with_a_non_utf8_byte_is_reported_as_the_result(worker, tmp_path):
+    out = os.fsdecode(bytes(tmp_path) + b"/out\xff")
+    reply, _ = run_job(worker, "odd-folder", out, filename="pano")
+    assert reply["type"] == "result", reply
+    assert reply["path"] == str(tmp_path / "out\\xff" / "pano.png")  # readable, though not openable
+    on_disk = bytes(tmp_path) + b"/out\xff/pano.png"
+    with Image.open(os.fsdecode(on_disk)) as im:
+        assert im.size == (32, 16)
+    alive(worker)
+
+
+def test_an_unknown_key_that_is_a_lone_surrogate_ends_its_job(worker, tmp_path):
+    conn = worker["conn"]
+    params = tiny_params(worker["models"], tmp_path / "out")
+    params["\ud800"] = 1
+    conn.send(raw_frame(message("generate", job_id="surrogate-key", params=params)))
+    reply, _ = final(conn, "surrogate-key", timeout=30)
+    assert reply["type"] == "error" and reply["code"] == "bad_parameters"
+    assert "\\ud800" in reply["message"]
+    alive(worker)
+
+
+# -- item 8: a hello that cannot be text ----------------------------------------------------------
+
+
+def test_a_hello_token_with_a_lone_surrogate_is_refused_and_closed(worker):
+    other = Raw(worker["port"])
+    try:
+        other.send(raw_frame(message("hello", token="\ud800" * 43)))
+        reply = other.recv(timeout=10)
+        assert reply is not None and reply["type"] == "error" and reply["code"] == "unauthorized"
+        assert other.recv(timeout=10) is None  # and the worker closed it
+    finally:
+        other.close()
+    alive(worker)
+
+
+def test_a_final_event_that_cannot_be_encoded_still_ends_its_job():
+    """A NaN in a result's metadata (JSON has none) or an oversized one: the job gets an `error`."""
+    from dit360_blender.protocol import WORKER_MESSAGES, FrameDecoder, decode, error
+    from dit360_blender.worker.server import Connection
+
+    ours, theirs = socket.socketpair()
+    conn = Connection(ours, secrets=[])
+    try:
+        result = message("result", job_id="nan-job", path="/x.png", width=32, height=16,
+                         metadata={"seam": float("nan")}, timings={}, model_cached=True)  # fmt: skip
+        assert conn.send(result) is True
+        huge = error("bad_checkpoint", "x" * (2 << 20), "", job_id="big-job")
+        assert conn.send(huge) is True
+        assert conn.send(message("log", level="info", message="\udcff" * 10)) is True  # escaped, sent
+        assert conn.send(message("log", level="info", message="y" * (2 << 20))) is False  # dropped
+        decoder, got = FrameDecoder(), []
+        theirs.settimeout(10)
+        while len(got) < 3:
+            got += [decode(item, WORKER_MESSAGES) for item in decoder.feed(theirs.recv(65536))]
+    finally:
+        conn.close()
+        theirs.close()
+    assert [(m["type"], m.get("job_id"), m.get("code")) for m in got] == [
+        ("error", "nan-job", "internal"), ("error", "big-job", "internal"), ("log", None, None),
+    ]  # fmt: skip
+    assert got[2]["message"] == "\\xff" * 10
