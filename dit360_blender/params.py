@@ -159,6 +159,12 @@ PARAMS: tuple[Param, ...] = (
         cli="--no-hdr",
     ),
     Param(
+        "exr", "bool", True, "EXR Files",
+        "Also write the HDR environments as half-float OpenEXR (<name>.exr, <name>_lighting.exr, ZIP) "
+        "beside the .hdr files; Blender's World uses them when present",
+        cli="--no-exr",
+    ),
+    Param(
         "filename", "str", None, "File Name",
         "A plain file stem (letters, digits, spaces, '.', '-', '_'); default <prompt-slug>_<seed>",
         nullable=True,

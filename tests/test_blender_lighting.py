@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_blender_extension import build_zip, run_scenario
+from test_panorama_exr import read_exr
 from test_panorama_synthetic import sun_panorama
 
 from dit360_blender.client import Job
@@ -290,14 +291,19 @@ def test_history_reapplies_the_environment_with_its_sun(lighting):
 def test_worker_result_hdr_is_what_the_world_uses(lighting):
     d = step(lighting, "worker")
     env, h = d["env"], d["history"]
-    assert env["filepath"] == str(Path(h["hdr"]).resolve()) and env["is_float"] and env["kind"] == "hdr"
+    # the worker writes the OpenEXR beside each .hdr (the default) and the World shows it
+    shown = Path(h["hdr"]).with_suffix(".exr")
+    assert env["filepath"] == str(shown.resolve()) and env["is_float"] and env["kind"] == "hdr"
     assert Path(h["filepath"]).suffix == ".png" and Path(h["filepath"]).is_file()
     assert Path(h["hdr"]).with_suffix("") == Path(h["filepath"]).with_suffix("")  # beside the PNG
     assert Path(h["lighting"]).is_file()
     assert env["png_file"] == h["filepath"] and d["returned"] == env["name"]
     on_disk = read_hdr(h["hdr"]).reshape(-1, 3).mean(axis=0)
-    # Blender shows that file (its RGBE decoding drops Radiance's half step: < 1/256 of a pixel's peak)
+    # Blender shows the same light as the .hdr (whose RGBE holds < 1/256 of a pixel's peak) ...
     assert d["pixels_mean"] == pytest.approx(on_disk.tolist(), rel=0.02)
+    # ... read from the EXR: its half floats, widened to float32
+    exr_mean = read_exr(shown)[0].astype(np.float32).reshape(-1, 3).mean(axis=0)
+    assert d["pixels_mean"] == pytest.approx(exr_mean.tolist(), rel=1e-5)
     # the tiny model draws no sun: no Sun object (the synthetic one is gone), and the panel says why
     assert d["suns"] == [] and d["lights_unchanged"]
     assert d["describe"]["sun_found"] is False and d["describe"]["sun"].startswith("No sun: ")

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import save_file
+from test_panorama_exr import read_exr
 
 from dit360_blender.cli import main
+from dit360_blender.panorama.rgbe import read_hdr
 from dit360_blender.pipeline.image_io import read_png_metadata
 from dit360_blender.pipeline.output_files import plan_output
 
@@ -70,7 +72,22 @@ def test_generate_writes_png_with_metadata(tiny_models, tmp_path):
     assert meta["model"] == "black-forest-labs/FLUX.1-dev"
     assert meta["lora"] == "Insta360-Research/DiT360-Panorama-Image-Generation"
     assert "seam_z" in meta["seam"] and meta["lighting"]["exposure"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "pano.exr", "pano.hdr", "pano.png", "pano_lighting.exr", "pano_lighting.hdr"
+    ]  # fmt: skip
+    for stem in ("pano", "pano_lighting"):  # the EXR holds the light of the .hdr beside it
+        exr = read_exr(tmp_path / f"{stem}.exr")[0].astype(np.float64)
+        rgbe = read_hdr(tmp_path / f"{stem}.hdr").astype(np.float64)
+        assert np.all(np.abs(exr - rgbe) <= rgbe.max(axis=-1, keepdims=True) / 128), stem
+
+
+def test_generate_no_exr_writes_the_png_and_hdrs_only(tiny_models, tmp_path):
+    out = tmp_path / "pano.png"
+    done = run_cli("generate", "This is a panorama. A red desert", "--seed", "42", "--out", str(out),
+                   "--models-dir", str(tiny_models["root"]), "--no-exr", *TINY)  # fmt: skip
+    assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pano.hdr", "pano.png", "pano_lighting.hdr"]
+    assert "pano.exr" not in done.stdout and "pano.hdr" in done.stdout
 
 
 def test_generate_default_name_is_slug_and_seed(tiny_models, tmp_path, monkeypatch):

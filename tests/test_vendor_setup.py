@@ -157,7 +157,8 @@ def test_dev_stamp_skips_pip_and_force_reinstalls(vs, capsys, monkeypatch, tmp_p
 def test_pins_are_read_from_the_requirement_files(vs):
     assert vs.RUNTIME_PINS["torch"] == "torch>=2.4,<3" and vs.RUNTIME_PINS["pillow"] == "pillow>=10.1,<14"
     assert list(vs.RUNTIME_PINS) == [
-        "torch", "safetensors", "transformers", "huggingface_hub", "numpy", "einops", "pillow", "gguf"
+        "torch", "safetensors", "transformers", "huggingface_hub", "numpy", "einops", "pillow", "gguf",
+        "openexr",
     ]  # fmt: skip
     assert vs.DEV_RUNTIME_PINS["transformers"] == "transformers==5.24.0"
     assert set(vs.DEV_TEST_PINS) == {

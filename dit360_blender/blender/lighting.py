@@ -10,7 +10,8 @@ exposure and, when it found a sun, the Sun lamp that gives back what was clamped
   the scene is lit by the sky alone (soft light, no sun shadow). With no sun found the two HDRs are
   the same and the World shows `.hdr`. Without HDR files (or for an image of the user's) the World
   shows that image at exposure 1 and there is no Sun. `.hdr` (sun in the map) stays on disk for
-  other uses.
+  other uses. Where the worker also wrote the OpenEXR copies (`<stem>.exr`, `<stem>_lighting.exr`),
+  the World loads those instead of the `.hdr` of the same kind.
 * The Sun object is ours: tagged with the custom property ``dit360_role = "sun"``, one per scene,
   linked to the scene's master collection, reconfigured when the environment changes and removed when
   the toggle goes off or the new environment has no sun. Lights without the tag are never touched.
@@ -63,6 +64,7 @@ def apply_result(world: bpy.types.World, event: dict, pack: bool = False) -> bpy
     when none of the files exists."""
     metadata = event.get("metadata") or {}
     files = {k: str(v) for k, v in (event.get("files") or {}).items() if k in ("hdr", "lighting") and v}
+    files.update(_exr_copies(files))
     files["png"] = str(event["path"])
     present = {k for k, v in files.items() if Path(v).is_file()}
     if "hdr" in present:
@@ -78,6 +80,14 @@ def apply_result(world: bpy.types.World, event: dict, pack: bool = False) -> bpy
     world_nodes.set_image(world, image)
     world_nodes.sync_controls(world)  # the same image reloaded may come with a new exposure
     return image
+
+
+def _exr_copies(files: dict[str, str]) -> dict[str, str]:
+    """The half-float OpenEXR written beside each .hdr (same stem), where it exists: the World loads
+    it instead (finer than RGBE, what other tools expect), under the same kind. Found on disk, not
+    in the event, so a history entry (which records the .hdr paths) gets the EXR too."""
+    copies = {kind: str(Path(path).with_suffix(".exr")) for kind, path in files.items()}
+    return {kind: path for kind, path in copies.items() if Path(path).is_file()}
 
 
 def _sibling(image: bpy.types.Image, kind: str) -> bpy.types.Image | None:

@@ -2,7 +2,7 @@
 
 Used by the worker and the CLI right before the PNG is written, so the numbers land in the PNG's
 metadata, and the HDR images (with the sun, and with the sun clamped for use with a Sun lamp)
-are written next to it.
+are written next to it, as Radiance .hdr and (optionally) OpenEXR files.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .exr import write_exr
 from .hdr import HdrResult, expand_to_hdr
 from .rgbe import write_hdr_files
 from .seam import seam_score
@@ -28,16 +29,26 @@ def analyze(rgb: np.ndarray, sun_share: float = 0.6) -> tuple[dict, HdrResult]:
         return {"seam": seam.result().to_dict(), "lighting": hdr.to_dict()}, hdr
 
 
-def write_lighting_files(png_path: Path, hdr: HdrResult) -> dict[str, str]:
-    """<stem>.hdr and <stem>_lighting.hdr next to the PNG; returns their paths as strings.
+def write_lighting_files(png_path: Path, hdr: HdrResult, exr: bool = False) -> dict[str, str]:
+    """<stem>.hdr and <stem>_lighting.hdr next to the PNG, and with `exr` <stem>.exr and
+    <stem>_lighting.exr (panorama/exr.py; without it, EXRs of that name are removed: they belong to
+    an earlier panorama written under the same name, and Blender would prefer them); returns
+    {"hdr", "lighting"[, "hdr_exr", "lighting_exr"]} as path strings.
 
     Raises OSError (to be reported as a disk write failure) with nothing half-written: each file
-    is written atomically, and a first file is removed again if the second fails.
+    is written atomically, and the ones written are removed again if a later one fails.
     """
     png_path = Path(png_path)
     try:
-        return {name: str(path) for name, path in write_hdr_files(png_path, hdr).items()}
+        files = {name: str(path) for name, path in write_hdr_files(png_path, hdr).items()}
+        for name, image in (("hdr", hdr.hdr), ("lighting", hdr.lighting)):
+            target = Path(files[name]).with_suffix(".exr")
+            if exr:
+                files[f"{name}_exr"] = str(write_exr(target, image))
+            else:  # an EXR of an earlier panorama of this name would be shown instead of the new .hdr
+                target.unlink(missing_ok=True)
+        return files
     except OSError:
-        for suffix in (".hdr", "_lighting.hdr"):
+        for suffix in (".hdr", "_lighting.hdr", ".exr", "_lighting.exr"):
             png_path.with_name(png_path.stem + suffix).unlink(missing_ok=True)
         raise

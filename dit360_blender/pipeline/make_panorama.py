@@ -2,7 +2,8 @@
 
 Every panorama is written the same way, whoever asked for it: the PNG with the generation
 settings, the seam scores and the lighting analysis in its metadata, and (with `hdr`) the HDR
-environments `<stem>.hdr` and `<stem>_lighting.hdr` beside it. Nothing half-written is left behind.
+environments `<stem>.hdr` and `<stem>_lighting.hdr` beside it, with `exr` also as half-float OpenEXR
+(`<stem>.exr`, `<stem>_lighting.exr`). Nothing half-written is left behind.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from .sampling import StepCallback
 
 @dataclass
 class Panorama:
-    """What one job wrote: the PNG, the HDR files beside it ({"hdr": …, "lighting": …}, empty
-    without HDR), the metadata stored in the PNG, and the time each stage took (seconds)."""
+    """What one job wrote: the PNG, the HDR files beside it ({"hdr": …, "lighting": …, with EXR
+    "hdr_exr": …, "lighting_exr": …}; empty without HDR), the metadata stored in the PNG, and the time each stage took (seconds)."""
 
     path: Path
     files: dict[str, str]
@@ -37,12 +38,14 @@ def make_panorama(
     out: Path,
     *,
     hdr: bool = True,
+    exr: bool = True,
     sun_share: float = 0.6,
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> Panorama:
-    """Generate `request` with `pipe` and write it to `out` (a .png path) with its HDR files.
+    """Generate `request` with `pipe` and write it to `out` (a .png path) with its HDR files (and,
+    with `exr` and `hdr`, their OpenEXR copies).
 
     Raises the pipeline's errors, `Cancelled`, or OSError when the files cannot be written."""
     generation = pipe.generate(request, on_step=on_step, should_cancel=should_cancel, on_stage=on_stage)
@@ -55,17 +58,19 @@ def make_panorama(
     if hdr:
         analysis, hdr_result = analyze(rgb, sun_share=sun_share)
         metadata.update(analysis)
-    path, files = _write_files(out, rgb, metadata, hdr_result)
+    path, files = _write_files(out, rgb, metadata, hdr_result, exr=exr)
     timings = {k: v for k, v in generation.timings.items() if k != "total_s"}
     timings["save_s"] = time.perf_counter() - t0
     return Panorama(path=path, files=files, metadata=metadata, timings=timings)
 
 
-def _write_files(out: Path, rgb, metadata: dict, hdr_result) -> tuple[Path, dict[str, str]]:
-    """The PNG and the two HDRs written side by side (zlib and file I/O release the GIL); if any
+def _write_files(
+    out: Path, rgb, metadata: dict, hdr_result, *, exr: bool = False
+) -> tuple[Path, dict[str, str]]:
+    """The PNG and the two HDRs (and their EXRs) written side by side (zlib and file I/O release the GIL); if any
     fails, the others are removed again, so a job leaves all its files or none."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-hdr") as pool:
-        lighting = pool.submit(write_lighting_files, out, hdr_result) if hdr_result is not None else None
+        lighting = pool.submit(write_lighting_files, out, hdr_result, exr) if hdr_result is not None else None
         try:
             path = save_png(out, rgb, metadata)
         except BaseException:

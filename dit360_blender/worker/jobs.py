@@ -169,7 +169,7 @@ class JobRunner:
         if job.cancel.is_set():
             raise Cancelled()
         made = make_panorama(
-            pipe, request, out, hdr=p["hdr"], sun_share=float(p["sun_share"]),
+            pipe, request, out, hdr=p["hdr"], exr=p["exr"], sun_share=float(p["sun_share"]),
             on_step=self._step_cb(job, self._previews(job)), should_cancel=job.cancel.is_set,
             on_stage=lambda s: self._stage(job, s),
         )  # fmt: skip
