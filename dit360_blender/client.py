@@ -46,6 +46,7 @@ from .protocol import (
     ProtocolError,
     check_generate_params,
     decode,
+    encode,
     error,
     message,
 )
@@ -141,7 +142,7 @@ class WorkerClient:
         self._worker: WorkerProcess | None = None
         self._starter: threading.Thread | None = None
         self._start_error: WorkerError | None = None
-        self._outbox: list[tuple[str, dict]] = []  # jobs waiting for a worker to start
+        self._outbox: list[tuple[str, bytes]] = []  # jobs (encoded) waiting for a worker to start
         self._pending: dict[str, WorkerProcess] = {}  # jobs sent, not finished
         self._generation = 0  # bumped by close(): a worker that finishes starting after it is stopped
         self._launching: WorkerProcess | None = None  # the process being started, so close() can kill it
@@ -180,16 +181,19 @@ class WorkerClient:
 
     def submit(self, job: Job | Mapping[str, Any]) -> str:
         """Queue a job and return its id at once. Raises ProtocolError (a ValueError, code
-        bad_parameters) for parameters of the wrong type or unknown names."""
+        bad_parameters) for parameters of the wrong type or unknown names, or message_too_large."""
         params = check_generate_params(job.to_params() if isinstance(job, Job) else dict(job))
         job_id = uuid.uuid4().hex[:16]
+        # Encoded now: a job that cannot be sent is refused here, and the outbox holds only frames
+        # that can be, so no job can stop the starter thread and the jobs queued behind it.
+        frame = encode(message("generate", job_id=job_id, params=params))
         with self._lock:
             w = self._worker
             if w is None:
-                self._outbox.append((job_id, params))
+                self._outbox.append((job_id, frame))
                 self._ensure_starting()
             else:
-                self._send_job(w, job_id, params)
+                self._send_job(w, job_id, frame)
         return job_id
 
     def poll(self) -> list[dict]:
@@ -245,7 +249,7 @@ class WorkerClient:
         """Cancel a queued or running job; its final event is `error` with code ``cancelled``.
         False when the job is unknown (e.g. already finished)."""
         with self._lock:
-            for i, (queued_id, _params) in enumerate(self._outbox):
+            for i, (queued_id, _frame) in enumerate(self._outbox):
                 if queued_id == job_id:
                     del self._outbox[i]
                     self._emit(error("cancelled", "Cancelled before it started.", "", job_id=job_id))
@@ -334,8 +338,8 @@ class WorkerClient:
             )
             w.reader.start()
             jobs, self._outbox = self._outbox, []
-            for job_id, params in jobs:
-                self._send_job(w, job_id, params)
+            for job_id, frame in jobs:
+                self._send_job(w, job_id, frame)
 
     def _launch(self, generation: int) -> tuple[WorkerProcess, FrameDecoder, list]:
         """Spawn, wait for the port, connect, hello → ready. Raises WorkerError with the stderr tail."""
@@ -369,12 +373,12 @@ class WorkerClient:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def _send_job(self, w: WorkerProcess, job_id: str, params: dict) -> None:
+    def _send_job(self, w: WorkerProcess, job_id: str, frame: bytes) -> None:
         with self._lock:
             self._pending[job_id] = w
         try:
-            w.send(message("generate", job_id=job_id, params=params))
-        except (OSError, ProtocolError):
+            w.send_frame(frame)
+        except OSError:
             self._broken(w)  # the reader reports the death, and this job with it
 
     def _read(self, w: WorkerProcess, decoder: FrameDecoder, items: list) -> None:

@@ -73,8 +73,12 @@ class WorkerProcess:
         self.start_logs: list[str] = []  # `log` messages sent before `ready` (often the failure's cause)
 
     def send(self, msg: dict) -> None:
-        """Raises OSError when the worker cannot be written to."""
-        data = encode(msg)
+        """Raises ProtocolError for a message that cannot be sent, OSError when the worker cannot
+        be written to."""
+        self.send_frame(encode(msg))
+
+    def send_frame(self, data: bytes) -> None:
+        """One encoded message. Raises OSError when the worker cannot be written to."""
         with self.send_lock:
             if self.sock is None:
                 raise OSError("not connected")
