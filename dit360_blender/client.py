@@ -357,6 +357,7 @@ class WorkerClient:
             return w, decoder, rest
         except BaseException as exc:
             w.kill()
+            w.close_socket()  # a worker that fails after connecting leaves no open socket behind
             raise start_failure(w, exc, self.handshake_timeout, self.log_path, self._scrub) from None
         finally:
             with self._lock:

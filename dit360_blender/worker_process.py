@@ -6,6 +6,7 @@ uses it through `client.py`).
 from __future__ import annotations
 
 import os
+import re
 import select
 import socket
 import subprocess
@@ -38,6 +39,7 @@ HANDSHAKE_TIMEOUT_S = 120.0  # a cold torch import on Windows can take tens of s
 READ_WAKE_S = 0.25  # readers check the process this often when the socket is quiet
 SEND_TIMEOUT_S = 5.0
 TAIL_LINES = 40
+_PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "Loading weights:  45%|████▌     | 9/20 [...]"
 
 
 class WorkerError(Exception):
@@ -106,6 +108,10 @@ class WorkerProcess:
             self.proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
             self.kill()
+
+    def close_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
 
     def kill(self) -> int | None:
         try:
@@ -237,7 +243,11 @@ def _drain(w: WorkerProcess, stream, name: str) -> None:
     """Read a pipe to its end (so the worker never blocks on a full pipe), keeping the last lines."""
     tail = w.stdout_tail if name == "stdout" else w.stderr_tail
     for raw in iter(stream.readline, b""):
-        line = raw.decode("utf-8", "replace").rstrip()
+        # A progress bar redraws itself with carriage returns: only its last state is a line, and
+        # a bar is progress, never the cause of a failure: it stays out of the tail we show.
+        line = raw.decode("utf-8", "replace").rstrip().rsplit("\r", 1)[-1]
+        if _PROGRESS_BAR.search(line):
+            continue
         if name == "stdout" and not w.port_seen.is_set() and line.startswith(PORT_ANNOUNCE + " "):
             try:
                 w.port = int(line.split()[1])
