@@ -73,13 +73,61 @@ def start_worker(logs: Path, token: str) -> tuple[subprocess.Popen, int]:
     return proc, int(line.split()[1])
 
 
+# Another local user: a second process that opens connections to the port and sends a hello one byte
+# at a time, reporting how long each connection stayed open (null: still open when it gave up).
+SLOW_SENDER = r"""
+import json, socket, sys, time
+port, count, give_up = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+hello = b'{"v":1,"type":"hello","token":"' + b"x" * 4000
+socks, opened, closed = [], [], {}
+for _ in range(count):
+    socks.append(socket.create_connection(("127.0.0.1", port)))
+    opened.append(time.monotonic())
+    socks[-1].setblocking(False)
+print("connected", flush=True)
+sent = 0
+while len(closed) < count and time.monotonic() - opened[0] < give_up:
+    for i, s in enumerate(socks):
+        if i in closed:
+            continue
+        try:
+            s.send(hello[sent % len(hello):][:1])
+            while s.recv(65536):
+                pass
+            closed[i] = time.monotonic() - opened[i]  # recv returned b"": the worker closed it
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed[i] = time.monotonic() - opened[i]
+    sent += 1
+    time.sleep(0.1)
+print(json.dumps([closed.get(i) for i in range(count)]), flush=True)
+"""
+SLOW_SENDERS = 12  # more than the worker's MAX_HANDSHAKES (8)
+
+
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory, tiny_models):
+    """The worker, owned by a client that connected while another user's slow senders were there."""
     token = secrets.token_urlsafe(32)
     logs = tmp_path_factory.mktemp("hostile-logs")
     proc, port = start_worker(logs, token)
-    conn = authenticate(port, token)
-    yield {"proc": proc, "port": port, "conn": conn, "models": tiny_models["root"], "logs": logs}
+    attacker = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SENDER, str(port), str(SLOW_SENDERS), str(HANDSHAKE_S + 8)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert attacker.stdout.readline().strip() == "connected"
+        time.sleep(0.5)  # they are trickling their bytes in
+        t0 = time.monotonic()
+        conn = authenticate(port, token)
+        got_in = time.monotonic() - t0
+        lifetimes = json.loads(attacker.communicate(timeout=HANDSHAKE_S + 30)[0])
+    finally:
+        attacker.kill()
+    state = {"proc": proc, "port": port, "conn": conn, "models": tiny_models["root"], "logs": logs}
+    state.update(got_in=got_in, slow_lifetimes=lifetimes)
+    yield state
     conn.close()
     try:
         proc.wait(timeout=10)
@@ -98,6 +146,20 @@ def run_job(worker, job_id: str, out: Path, **over) -> tuple[dict, list[dict]]:
 def alive(worker) -> None:
     assert worker["proc"].poll() is None, "the worker exited"
     still_served(worker["conn"])
+
+
+# -- item 3: slow senders -------------------------------------------------------------------------
+
+
+def test_slow_senders_are_dropped_at_the_handshake_deadline_and_the_client_gets_in(worker):
+    """12 connections of another process, each trickling a hello in a byte every 0.1 s: the real
+    client got in past them, and none of them outlived the handshake deadline (they used to hold
+    the 8 slots for as long as they kept sending, and the client's connection was closed unanswered)."""
+    lifetimes = worker["slow_lifetimes"]
+    assert None not in lifetimes, f"slow senders still connected: {lifetimes}"
+    assert max(lifetimes) < HANDSHAKE_S + 4.0, lifetimes
+    print(f"\nclient in after {worker['got_in']:.2f} s; slow senders dropped after {sorted(lifetimes)} s")
+    alive(worker)
 
 
 # -- item 1: strings without a UTF-8 form ----------------------------------------------------------

@@ -8,6 +8,12 @@ Threads: the main thread runs jobs; one thread accepts connections; each connect
 its own thread (a handshake, then, for the one authenticated client, its reader loop); a watchdog
 checks the parent process twice a second. Only the owner (the first connection with the right
 token) gets events; any other connection is refused with an `error` and closed.
+
+Any local user can connect to the port, so a connection that has not said hello costs little and
+can't keep the real client out: the whole handshake has one deadline (not one per `recv`, which a
+sender of a byte a second would renew forever), and when MAX_HANDSHAKES connections are waiting, the
+oldest of them is dropped to make room for the new one (the real client sends its hello at once,
+so it is never the oldest for long).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from ..protocol import (
@@ -42,7 +49,8 @@ HANDSHAKE_TIMEOUT_S = 10.0  # a connection must say hello within this
 SEND_TIMEOUT_S = 30.0  # a client that stops reading this long is treated as gone
 STOP_GRACE_S = 10.0  # after shutdown, the running job gets this long to stop before a hard exit
 WATCH_INTERVAL_S = 0.5  # parent check period (the issue asks for at least once a second)
-MAX_HANDSHAKES = 8  # concurrent unauthenticated connections; more are dropped at once
+MAX_HANDSHAKES = 8  # connections waiting to say hello; a new one beyond this drops the oldest
+LISTEN_BACKLOG = 64  # room for a burst of connections while the accept thread drops the idle ones
 
 
 class Connection:
@@ -126,7 +134,8 @@ class Worker:
         self._owner_lock = threading.Lock()
         self._ready = threading.Event()
         self._stopping = threading.Event()
-        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._waiting: deque[Connection] = deque()  # accepted, no first frame yet (oldest first)
+        self._waiting_lock = threading.Lock()
         self._server: socket.socket | None = None
         self._started = time.monotonic()
 
@@ -138,7 +147,7 @@ class Worker:
         if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: no other process may bind our port
             server.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         server.bind(("127.0.0.1", 0))
-        server.listen(MAX_HANDSHAKES)
+        server.listen(LISTEN_BACKLOG)
         self._server = server
         threading.Thread(target=self._accept_loop, name="accept", daemon=True).start()
         return server.getsockname()[1]
@@ -150,32 +159,35 @@ class Worker:
                 sock, _ = self._server.accept()
             except OSError:
                 return  # closed on exit
-            if not self._handshakes.acquire(blocking=False):
-                sock.close()
-                continue
-            threading.Thread(target=self._serve, args=(sock,), name="connection", daemon=True).start()
+            conn = Connection(sock, self.secrets)
+            with self._waiting_lock:
+                if len(self._waiting) >= MAX_HANDSHAKES:
+                    oldest = self._waiting.popleft()
+                    logger.warning("dropped a connection that did not say hello, to make room")
+                    oldest.close()  # its thread's recv returns at once and the thread ends
+                self._waiting.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="connection", daemon=True).start()
 
-    def _serve(self, sock: socket.socket) -> None:
-        conn = Connection(sock, self.secrets)
+    def _serve(self, conn: Connection) -> None:
         decoder = FrameDecoder()
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self.handshake_timeout)
-            first, rest = self._first_item(sock, decoder)
-            refusal = self._authenticate(first)
-            if refusal is None:
-                refusal = self._claim(conn)
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            first, rest = self._first_item(conn.sock, decoder, time.monotonic() + self.handshake_timeout)
         except OSError:  # the peer vanished mid-handshake
-            conn.close()
-            return
-        finally:
-            self._handshakes.release()
+            first, rest = None, []
+        with self._waiting_lock:
+            if conn not in self._waiting:  # dropped to make room: its frame may be cut short
+                return
+            self._waiting.remove(conn)  # from here on it can't be dropped
+        refusal = self._authenticate(first)
+        if refusal is None:
+            refusal = self._claim(conn)
         if refusal is not None:
             logger.warning("refused a connection: %s", refusal.code)
             conn.send(refusal.to_message())
             conn.close()
             return
-        sock.settimeout(SEND_TIMEOUT_S)
+        conn.sock.settimeout(SEND_TIMEOUT_S)
         self._ready.wait()
         conn.send(message("ready", **(self.ready_info or {})))
         logger.info("client connected")
@@ -184,11 +196,15 @@ class Worker:
         self.stop("the client disconnected")
 
     def _first_item(
-        self, sock: socket.socket, decoder: FrameDecoder
+        self, sock: socket.socket, decoder: FrameDecoder, deadline: float
     ) -> tuple[bytes | ProtocolError | None, list]:
-        """The first frame (or None on EOF / timeout) and any frames that came with it."""
+        """The first frame (or None on EOF or at the deadline) and any frames that came with it."""
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None, []
             try:
+                sock.settimeout(left)
                 data = sock.recv(65536)
             except OSError:
                 return None, []
