@@ -197,9 +197,13 @@ class DiT360Pipeline:
             "compiled": bool(compile),
         }
         pipe = cls(text_encoders, transformer, vae, device, dtype, info, plan, streamers)
-        pipe.vae_wrap = vae_wrap
-        info["vae_wrap"] = vae_wrap
+        pipe.use_vae_wrap(vae_wrap)
         return pipe
+
+    def use_vae_wrap(self, on: bool) -> None:
+        """Decode with (or without) the horizontal wrap-around from now on; recorded in the metadata."""
+        self.vae_wrap = on
+        self.model_info["vae_wrap"] = on
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (1, 16, H/8, W/8) → RGB float (3, H, W) in [0, 1] on the CPU.

@@ -61,7 +61,6 @@ class ModelCache:
             float(params["lora_strength"]),
             params["memory_mode"],
             params["vram_budget_gib"],
-            bool(params["vae_wrap"]),
             lora_identities(params["loras"]),
         )
         if key == self.key and self.pipe is not None:
@@ -79,7 +78,6 @@ class ModelCache:
             memory_mode=params["memory_mode"],
             vram_budget_gib=params["vram_budget_gib"],
             compile=params.get("compile", "auto"),
-            vae_wrap=bool(params["vae_wrap"]),
             loras=[(item["path"], item["strength"]) for item in params["loras"]],
         )
         self.key, self.loads = key, self.loads + 1
@@ -168,6 +166,7 @@ class JobRunner:
         timings["load_s"] = time.monotonic() - t0
         if job.cancel.is_set():
             raise Cancelled()
+        pipe.use_vae_wrap(bool(p["vae_wrap"]))  # a decode setting: no reload when it changes
         made = make_panorama(
             pipe, request, out, hdr=p["hdr"], exr=p["exr"], sun_share=float(p["sun_share"]),
             on_step=self._step_cb(job, self._previews(job)), should_cancel=job.cancel.is_set,
