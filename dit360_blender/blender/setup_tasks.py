@@ -175,7 +175,7 @@ class SetupTasks:
 
     def _download_cmd(self, check: bool) -> tuple[list[str], dict]:
         python, vendor = self._link.worker_python()
-        cmd = [python, "-m", f"{PACKAGE_DIR.name}.worker.download"] + (["--check"] if check else [])
+        cmd = [python, "-s", "-m", f"{PACKAGE_DIR.name}.worker.download"] + (["--check"] if check else [])
         models_dir, paths = self._link.model_settings()
         cmd += ["--models-dir", models_dir] if models_dir else []
         for component, path in paths.items():
