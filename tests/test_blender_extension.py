@@ -83,7 +83,8 @@ def built(tiny_models, tmp_path_factory) -> dict:
             "build_s": time.monotonic() - t0}  # fmt: skip
 
 
-def run_scenario(script: str, cfg: dict, name: str, timeout: float = 900) -> dict:
+def run_scenario(script: str, cfg: dict, name: str, timeout: float = 900, python: str | None = None) -> dict:
+    """Run a scenario script in its own Blender process (`python`: one with bpy, default this one)."""
     work = Path(cfg["work"])
     cfg = dict(cfg, out=str(work / f"{name}.json"))
     (work / f"{name}-config.json").write_text(json.dumps(cfg), encoding="utf-8")
@@ -97,7 +98,7 @@ def run_scenario(script: str, cfg: dict, name: str, timeout: float = 900) -> dic
         env.pop(var, None)
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "blender" / script), str(work / f"{name}-config.json")],
+        [python or sys.executable, str(ROOT / "tests" / "blender" / script), str(work / f"{name}-config.json")],
         capture_output=True, text=True, env=env, timeout=timeout,
     )  # fmt: skip
     elapsed = time.monotonic() - t0

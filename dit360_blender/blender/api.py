@@ -79,8 +79,8 @@ def set_world_image(image: bpy.types.Image, world: bpy.types.World | None = None
         world = scene.world or bpy.data.worlds.new("World")
         scene.world = world
     world_nodes.set_image(world, image)
-    for user in lighting.scenes_using(world):
-        lighting.sync_sun(user, world)
+    world.dit360.other_hdr = None  # it belonged to the previous environment
+    lighting.sync_suns(world)
     return world
 
 

@@ -2,13 +2,13 @@
 worker, its events become the WindowManager's progress state, its previews are shown, and its end
 applies the result (results.py) or gives everything back.
 
-The World during a job: previews are shown in a *preview World* (a copy of the scene's World, or a
-new one) that the scene uses while the job runs. The user's World is not touched until the result
-is in: then the image (the float HDR the worker wrote beside the PNG) goes into its DiT360 chain,
-the scene gets its World back and, when the environment has a sun, its Sun lamp (lighting.py). A
-failed or cancelled job gives the scene its World back and deletes the preview World, so the World
-is exactly as it was. World and scene are remembered by name, never by Python reference: undo and
-file loads free the Python objects.
+The World during a job: previews are shown in a *preview World* (preview.py: a copy of the scene's
+World, or a new one) that the scene uses while the job runs. The user's World is not touched until
+the result is in: then the image (the float HDR the worker wrote beside the PNG) goes into its
+DiT360 chain, the scene gets its World back and, when the environment has a sun, its Sun lamp
+(lighting.py). A failed or cancelled job gives the scene its World back and deletes the preview
+World, so the World is exactly as it was. Scene and Worlds are found by session_uid, never by name
+or Python reference: renames change names, undo and file loads free the Python objects.
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ from pathlib import Path
 import bpy
 
 from ..client import Job
-from . import output, world
+from . import output
 from .common import prefs, runtime, short, user_dir
 from .errors import GenerationError
 from .link import WorkerLink
 from .param_props import prefs_job_values, scene_job_values
+from .preview import PreviewWorld
 from .props import MAX_SEED
 from .results import apply_result, undo_push
 from .thumbnails import THUMBNAILS
-
-PREVIEW_IMAGE = "DiT360 Preview"
-PREVIEW_WORLD = "DiT360 Preview World"
 
 # Share of the progress bar per stage (sampling takes the bulk of it).
 _STAGE_SPAN = {
@@ -63,9 +61,7 @@ def submit(scene: bpy.types.Scene, link: WorkerLink, **overrides: object) -> Gen
             getattr(exc, "message", str(exc)),
             getattr(exc, "hint", ""),
         ) from None
-    gen = Generation(
-        job_id, scene.name, scene.world.name if scene.world else None, job.to_params(), client.log_path
-    )
+    gen = Generation(job_id, PreviewWorld.of(scene), job.to_params(), client.log_path)
     _reset_state(job_id, job.steps, starting=client.worker_pid is None)
     return gen
 
@@ -121,14 +117,10 @@ def _reset_state(job_id: str, steps: int, starting: bool) -> None:
 @dataclass
 class Generation:
     job_id: str
-    scene_name: str
-    world_name: str | None  # the scene's World when the job started (None: it had none)
+    preview: PreviewWorld  # the scene, the user's World and the preview World
     params: dict
     worker_log: Path | None  # where a worker that fails to start says why
     started: float = field(default_factory=time.monotonic)
-    preview_world: str | None = None
-    preview_image: str | None = None
-    preview_file: Path | None = None
     preview_key: str | None = None
     done: bool = False
     image_name: str | None = None
@@ -180,32 +172,12 @@ class Generation:
     # -- previews and the World ------------------------------------------------------------------
 
     def scene(self) -> bpy.types.Scene:
-        return bpy.data.scenes.get(self.scene_name) or bpy.context.scene
+        return self.preview.scene()
 
     def _show_preview(self, event: dict) -> None:
         path = user_dir("previews") / f"preview-{self.job_id}-{event['step']}.png"
         path.write_bytes(base64.b64decode(event["data"]))
-        if self.preview_file is not None and self.preview_file != path:
-            self.preview_file.unlink(missing_ok=True)
-        self.preview_file = path
-        image = bpy.data.images.get(self.preview_image) if self.preview_image else None
-        if image is None:
-            image = bpy.data.images.load(str(path), check_existing=False)
-            image.name = PREVIEW_IMAGE
-            self.preview_image = image.name
-        else:
-            image.filepath = str(path)
-            image.reload()
-        scene = self.scene()
-        preview = bpy.data.worlds.get(self.preview_world) if self.preview_world else None
-        if preview is None:
-            original = bpy.data.worlds.get(self.world_name) if self.world_name else None
-            preview = original.copy() if original is not None else bpy.data.worlds.new(PREVIEW_WORLD)
-            preview.name = PREVIEW_WORLD
-            self.preview_world = preview.name
-        if scene.world != preview:
-            scene.world = preview
-        world.set_image(preview, image)
+        self.preview.show(path)
         self.previews_shown += 1
         self._preview_icon(path)
 
@@ -221,20 +193,10 @@ class Generation:
             state.preview_icon = icon_id
 
     def drop_preview(self, restore_world: bool) -> None:
-        """Give the scene its World back and delete the preview World, image and file."""
-        scene = self.scene()
-        preview = bpy.data.worlds.get(self.preview_world) if self.preview_world else None
-        if preview is not None:
-            if restore_world and scene.world == preview:
-                scene.world = bpy.data.worlds.get(self.world_name) if self.world_name else None
-            bpy.data.worlds.remove(preview)
-        image = bpy.data.images.get(self.preview_image) if self.preview_image else None
-        if image is not None:
-            bpy.data.images.remove(image)
-        if self.preview_file is not None:
-            self.preview_file.unlink(missing_ok=True)
+        """Give the scene its World back and delete the preview World, image, file and thumbnail."""
+        self.preview.drop(restore_world)
         THUMBNAILS.drop(self.preview_key)
-        self.preview_world = self.preview_image = self.preview_file = self.preview_key = None
+        self.preview_key = None
         state = runtime()
         if state is not None:
             state.preview_icon = 0
@@ -245,8 +207,8 @@ class Generation:
         scene = self.scene()
         seconds = float((event.get("timings") or {}).get("total_s", time.monotonic() - self.started))
         try:
-            target = bpy.data.worlds.get(self.world_name) if self.world_name else None
-            preview = bpy.data.worlds.get(self.preview_world) if self.preview_world else None
+            target = self.preview.user_world()
+            preview = self.preview.world()
             if target is None:
                 target = bpy.data.worlds.new("World")
             uses_ours = scene.world is None or scene.world == preview or scene.world == target
@@ -254,7 +216,7 @@ class Generation:
                 scene,
                 event,
                 self.params,
-                world_name=target.name,
+                world=target,
                 take_world=uses_ours,
                 seconds=seconds,
                 before_assign=lambda: self.drop_preview(restore_world=False),
@@ -305,30 +267,36 @@ class Generation:
 
 
 def explain_start_failure(err: GenerationError, log: Path | None) -> GenerationError:
-    """A worker that could not start says why in its log (e.g. "No module named 'torch'") even
-    when its message to us does not; and the fix is always the same two buttons."""
-    message, hint = err.message, err.hint
-    cause = _last_exception_line(log) if log is not None else None
+    """What the panel shows when the worker could not start: what happened and its cause (e.g.
+    "ModuleNotFoundError: No module named 'torch'"), the last exception line of its output or, when
+    that has none, of its log; the traceback stays in the log (the panel's Open Worker Log). The fix
+    is always the same two buttons."""
+    lines = err.message.splitlines()
+    cause = _exception_line(lines) or (_exception_line(_log_tail(log)) if log is not None else None)
+    message = lines[0] if lines else err.message
     if cause and cause not in message:
-        message = f"{message}\nWorker log: {cause}"
-    if not hint:
-        hint = (
-            "Install dependencies (add-on Preferences ▸ Install Dependencies), or set the Python of an "
-            "environment that has them" + (f". Details: {log}" if log is not None else ".")
-        )
+        message = f"{message}\n{cause}"
+    hint = err.hint or (
+        "Install dependencies (add-on Preferences ▸ Install Dependencies), or set the Python of an "
+        "environment that has them" + (f". Details: {log}" if log is not None else ".")
+    )
     return GenerationError(err.code, message, hint)
 
 
-def _last_exception_line(log: Path, lines: int = 80) -> str | None:
-    """The last "SomeError: text" line of the worker's log (its tail only), or None."""
+def _log_tail(log: Path, lines: int = 80) -> list[str]:
+    """The last lines of the worker's log (its tail only: logs grow), [] when it cannot be read."""
     try:
         with open(log, "rb") as f:
             f.seek(0, 2)
             f.seek(max(0, f.tell() - 16384))
-            tail = f.read().decode("utf-8", "replace").splitlines()[-lines:]
+            return f.read().decode("utf-8", "replace").splitlines()[-lines:]
     except OSError:
-        return None
-    for line in reversed(tail):
+        return []
+
+
+def _exception_line(lines: list[str]) -> str | None:
+    """The last "SomeError: text" line, or None."""
+    for line in reversed(lines):
         if re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", line.strip()):
             return short(line.strip(), 300)
     return None

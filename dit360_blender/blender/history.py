@@ -9,7 +9,7 @@ from pathlib import Path
 import bpy
 
 from ..params import PARAMS
-from . import lighting
+from . import lighting, paths
 from .param_props import enum_identifier
 
 MAX_ENTRIES = 100
@@ -29,9 +29,10 @@ def record(scene: bpy.types.Scene, params: dict, event: dict, image: bpy.types.I
     for p in _RECORDED:
         value = params[p.name]
         setattr(entry, p.name, enum_identifier(value) if p.kind == "choice" else value)
-    entry.filepath = str(path)
-    entry.hdr_path = str(files.get("hdr") or "")
-    entry.lighting_path = str(files.get("lighting") or "")
+    # relative to the .blend when under its folder: a moved or sent project keeps its history
+    entry.filepath = paths.stored(path)
+    entry.hdr_path = paths.stored(files.get("hdr") or "")
+    entry.lighting_path = paths.stored(files.get("lighting") or "")
     entry.seam_json = lighting.compact_json(metadata.get("seam"))
     entry.lighting_json = lighting.compact_json(metadata.get("lighting"))
     entry.image_name = image.name
@@ -63,8 +64,18 @@ def entry_event(entry: bpy.types.PropertyGroup) -> dict:
         data = _json(text)
         if data is not None:
             metadata[key] = data
-    files = {k: v for k, v in (("hdr", entry.hdr_path), ("lighting", entry.lighting_path)) if v}
-    return {"path": entry.filepath, "files": files, "metadata": metadata}
+    files = {
+        k: paths.resolve(v) for k, v in (("hdr", entry.hdr_path), ("lighting", entry.lighting_path)) if v
+    }
+    return {"path": paths.resolve(entry.filepath), "files": files, "metadata": metadata}
+
+
+def rebase_paths(old_blend: str, new_blend: str) -> None:
+    """The file is saved at `new_blend`: every scene's history paths follow, as Blender's own do."""
+    for scene in bpy.data.scenes:
+        for entry in scene.dit360.history:
+            for field in ("filepath", "hdr_path", "lighting_path"):
+                setattr(entry, field, paths.rebased(getattr(entry, field), old_blend, new_blend))
 
 
 def entry_summary(entry: bpy.types.PropertyGroup) -> tuple[tuple[str, bool | None], tuple[str, bool | None]]:
@@ -81,7 +92,7 @@ def apply(scene: bpy.types.Scene, entry: bpy.types.PropertyGroup) -> bpy.types.I
         image = lighting.apply_result(scene.world, entry_event(entry))
     except FileNotFoundError:
         return None
-    lighting.sync_sun(scene, scene.world)
+    lighting.sync_suns(scene.world)
     entry.image_name = image.name
     return image
 

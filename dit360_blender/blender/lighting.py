@@ -4,17 +4,18 @@ The worker writes, next to every PNG, `<stem>.hdr` (linear float, the sun in the
 `<stem>_lighting.hdr` (the sun's core clamped to the sky around it), and records in the metadata the
 exposure and, when it found a sun, the Sun lamp that gives back what was clamped (panorama/hdr.py).
 
-* When a sun was found, the World's Environment Texture shows `_lighting.hdr` (the sun clamped) and
-  the World's *Sun Lamp* toggle decides whether our Sun lamp gives the sun's light back: on, the sun
-  lights the scene once (as a lamp, with real shadows in Eevee and Cycles); off, the sun is gone and
-  the scene is lit by the sky alone (soft light, no sun shadow). With no sun found the two HDRs are
-  the same and the World shows `.hdr`. Without HDR files (or for an image of the user's) the World
-  shows that image at exposure 1 and there is no Sun. `.hdr` (sun in the map) stays on disk for
-  other uses. Where the worker also wrote the OpenEXR copies (`<stem>.exr`, `<stem>_lighting.exr`),
+* When a sun was found, the World's *Sun Lamp* toggle decides how the sun lights the scene, once:
+  on, as our Sun lamp (real shadows in Eevee and Cycles) with `_lighting.hdr` (the sun clamped);
+  off, from the map, with `.hdr`. The World keeps the HDR it does not show (`other_hdr`: saved,
+  packed and appended with it); when that one cannot be had, the toggle keeps the lamp, so the sun
+  is never lost. With no sun found the two HDRs are the same and the World shows `.hdr`. Without
+  HDR files (or for an image of the user's) the World shows that image at exposure 1 and there is
+  no Sun. Where the worker also wrote the OpenEXR copies (`<stem>.exr`, `<stem>_lighting.exr`),
   the World loads those instead of the `.hdr` of the same kind.
-* The Sun object is ours: tagged with the custom property ``dit360_role = "sun"``, one per scene,
-  linked to the scene's master collection, reconfigured when the environment changes and removed when
-  the toggle goes off or the new environment has no sun. Lights without the tag are never touched.
+* The Sun object is ours: tagged with the custom property ``dit360_role = "sun"``, one per scene
+  (each scene that uses the World), linked to the scene's master collection, reconfigured when the
+  environment changes and removed when the World shows the sun in its map or has none. Lights
+  without the tag are never touched.
 * It follows the World's rotation through a driver on its Z rotation that reads the DiT360 Mapping
   node's Z rotation, so a manual edit of the node counts too (renders always evaluate it; the Rotation
   control also refreshes the viewport at once). The Mapping node rotates the lookup vector, so turning
@@ -47,11 +48,16 @@ SUN_LOCATION = (0.0, 0.0, 5.0)  # where a new Sun appears (a Sun's position does
 
 
 def _wanted_kind(world: bpy.types.World, lighting: dict | None) -> str:
-    """The kind of HDR to show: "lighting" (the sun clamped) whenever there is a sun, so the toggle
-    alone decides whether the sun lights the scene (through our lamp) — it is never counted twice."""
-    if isinstance(lighting, dict) and lighting.get("sun_lamp"):
+    """The kind of HDR to show: "lighting" (the sun clamped, our lamp gives it back) when there is a
+    sun and the Sun Lamp toggle is on; "hdr" (the sun in the map) otherwise, so the sun always
+    lights the scene once, as a lamp or from the map."""
+    if isinstance(lighting, dict) and lighting.get("sun_lamp") and world.dit360.use_sun:
         return "lighting"
     return "hdr"
+
+
+def _other(kind: str) -> str:
+    return "hdr" if kind == "lighting" else "lighting"
 
 
 def apply_result(world: bpy.types.World, event: dict, pack: bool = False) -> bpy.types.Image:
@@ -59,24 +65,27 @@ def apply_result(world: bpy.types.World, event: dict, pack: bool = False) -> bpy
 
     The HDR that suits the Sun toggle is loaded (float, linear); the PNG only when no HDR was written.
     The image gets the metadata as custom properties (`dit360_seam`, `dit360_lighting`, …) and the
-    paths of its sibling files, so the toggle and the panel work from the image alone. The Sun object
-    is not touched here (`sync_sun` does it once the scene uses the World). Raises FileNotFoundError
-    when none of the files exists."""
+    paths of its sibling files, so the toggle and the panel work from the image alone. When a sun was
+    found, the other HDR is loaded too and kept by the World (`other_hdr`), so the toggle can switch
+    to it after a pack, a move or a deleted output folder. The Sun object is not touched here
+    (`sync_sun` does it once the scene uses the World). Raises FileNotFoundError when none of the
+    files exists."""
     metadata = event.get("metadata") or {}
     files = {k: str(v) for k, v in (event.get("files") or {}).items() if k in ("hdr", "lighting") and v}
     files.update(_exr_copies(files))
     files["png"] = str(event["path"])
     present = {k for k, v in files.items() if Path(v).is_file()}
-    if "hdr" in present:
-        kind = _wanted_kind(world, metadata.get("lighting"))
-        if kind not in present:
-            kind = "hdr"
-    elif "png" in present:
-        kind = "png"
-    else:
+    wanted = _wanted_kind(world, metadata.get("lighting"))
+    kinds = [k for k in (wanted, _other(wanted), "png") if k in present]
+    if not kinds:
         raise FileNotFoundError(f"{files['png']} (and its .hdr files) are missing")
-    image = output.load_result(files[kind], metadata, pack=pack)
-    output.tag_environment(image, kind, files)
+    image = output.load_result(files[kinds[0]], metadata, pack=pack)
+    output.tag_environment(image, kinds[0], files)
+    other = None
+    if kinds[0] != "png" and _other(kinds[0]) in present and (metadata.get("lighting") or {}).get("sun_lamp"):
+        other = output.load_result(files[_other(kinds[0])], metadata, pack=pack)
+        output.tag_environment(other, _other(kinds[0]), files)
+    world.dit360.other_hdr = other
     world_nodes.set_image(world, image)
     world_nodes.sync_controls(world)  # the same image reloaded may come with a new exposure
     return image
@@ -90,33 +99,50 @@ def _exr_copies(files: dict[str, str]) -> dict[str, str]:
     return {kind: path for kind, path in copies.items() if Path(path).is_file()}
 
 
-def _sibling(image: bpy.types.Image, kind: str) -> bpy.types.Image | None:
-    """The other HDR of the same panorama (loaded again from its file if Blender dropped it)."""
-    path = image.get(output.FILE_KEYS[kind])
-    if not isinstance(path, str) or not Path(path).is_file():
-        return None
-    sibling = bpy.data.images.load(path, check_existing=True)
-    for key in image.keys():
-        if key.startswith(output.META_PREFIX) and key not in sibling.keys():
-            sibling[key] = image[key]
-    sibling[output.KIND] = kind
-    sibling[output.META_PREFIX + "file"] = path
+def _same_panorama(a: bpy.types.Image, b: bpy.types.Image) -> bool:
+    key = output.FILE_KEYS["png"]
+    return a.get(key) is not None and a.get(key) == b.get(key)
+
+
+def _sibling(world: bpy.types.World, image: bpy.types.Image, kind: str) -> bpy.types.Image | None:
+    """The other HDR of the same panorama: the one the World keeps (packed or not), else loaded
+    again from its file; None when neither exists."""
+    kept = world.dit360.other_hdr
+    if kept is not None and kept.get(output.KIND) == kind and _same_panorama(kept, image):
+        sibling = kept
+    else:
+        path = output.sibling_file(image, kind)
+        if path is None or not Path(path).is_file():
+            return None
+        sibling = bpy.data.images.load(path, check_existing=True)
+        for key in image.keys():
+            if key.startswith(output.META_PREFIX) and key not in sibling.keys():
+                sibling[key] = image[key]
+        sibling[output.KIND] = kind
+        sibling[output.META_PREFIX + "file"] = image[output.FILE_KEYS[kind]]
     if image.packed_file is not None and sibling.packed_file is None:
         sibling.pack()
     return sibling
 
 
 def refresh(world: bpy.types.World) -> None:
-    """After the Sun toggle changed: show the HDR that goes with it and add or remove the Sun in every
-    scene that uses `world`."""
+    """After the Sun toggle changed: show the HDR that goes with it (the World keeps the other one)
+    and add or remove the Sun in every scene that uses `world`. When that HDR cannot be had, the
+    World keeps its image and the scenes their Sun: the sun is never lost."""
     image = world_nodes.current_image(world)
     kind = image.get(output.KIND) if image is not None else None
     if kind in ("hdr", "lighting"):
         wanted = _wanted_kind(world, output.environment_lighting(image))
         if wanted != kind:
-            sibling = _sibling(image, wanted)
+            sibling = _sibling(world, image, wanted)
             if sibling is not None:
                 world_nodes.set_image(world, sibling)
+                world.dit360.other_hdr = image
+    sync_suns(world)
+
+
+def sync_suns(world: bpy.types.World) -> None:
+    """Every scene that uses `world` gets the Sun its environment asks for (or loses ours)."""
     for scene in scenes_using(world):
         sync_sun(scene, world, create=True)
 
@@ -131,11 +157,12 @@ def scenes_using(world: bpy.types.World) -> list[bpy.types.Scene]:
 def lamp_settings(world: bpy.types.World | None) -> dict | None:
     """The Sun lamp the World's environment asks for (None: no Sun), at the strengths set now.
 
-    Only an environment showing `_lighting.hdr` (a sun was found) with the toggle on has one."""
+    An environment showing `_lighting.hdr` (a sun was found and clamped out of the map) has one,
+    whatever the toggle says: that map lacks its sun, which only the lamp gives back."""
     if world is None:
         return None
     image = world_nodes.current_image(world)
-    if image is None or image.get(output.KIND) != "lighting" or not world.dit360.use_sun:
+    if image is None or image.get(output.KIND) != "lighting":
         return None
     lighting = output.environment_lighting(image) or {}
     lamp = lighting.get("sun_lamp")

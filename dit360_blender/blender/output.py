@@ -7,6 +7,7 @@ from pathlib import Path
 
 import bpy
 
+from . import paths
 from .common import user_dir
 
 META_PREFIX = "dit360_"
@@ -48,15 +49,19 @@ def _prop_value(value: object) -> str | int | float:
 
 def load_result(path: str | Path, metadata: dict, pack: bool = False) -> bpy.types.Image:
     """Load the written image (reloading it if Blender already has that file) and attach the
-    generation settings as custom properties, as the file's own text chunks hold them too."""
+    generation settings as custom properties, as the file's own text chunks hold them too. Its path
+    is kept relative to the .blend when it lies under the .blend's folder (paths.py)."""
     path = Path(path)
     known = {i.name for i in bpy.data.images}
     image = bpy.data.images.load(str(path), check_existing=True)
+    kept = paths.stored(path)
+    if image.filepath != kept:
+        image.filepath = kept
     if image.name in known and image.packed_file is None:
         image.reload()  # the same file was written again (a fixed file name): show the new pixels
     for key, value in metadata.items():
         image[META_PREFIX + str(key)] = _prop_value(value)
-    image[META_PREFIX + "file"] = str(path)
+    image[META_PREFIX + "file"] = kept
     if pack and image.packed_file is None:
         image.pack()
     return image
@@ -98,4 +103,21 @@ def tag_environment(image: bpy.types.Image, kind: str, files: dict[str, str]) ->
     image[KIND] = kind
     for key, prop in FILE_KEYS.items():
         if files.get(key):
-            image[prop] = str(files[key])
+            image[prop] = paths.stored(files[key])
+
+
+def sibling_file(image: bpy.types.Image, kind: str) -> str | None:
+    """The absolute path of `image`'s sibling file of `kind` ("png", "hdr", "lighting"), or None."""
+    value = image.get(FILE_KEYS[kind])
+    return paths.resolve(value) if isinstance(value, str) and value else None
+
+
+def rebase_paths(old_blend: str, new_blend: str) -> None:
+    """The file is saved at `new_blend`: our images' kept paths follow, as Blender's own do."""
+    for image in bpy.data.images:
+        if image.get(KIND) is None:
+            continue
+        for prop in (META_PREFIX + "file", *FILE_KEYS.values()):
+            value = image.get(prop)
+            if isinstance(value, str) and value:
+                image[prop] = paths.rebased(value, old_blend, new_blend)

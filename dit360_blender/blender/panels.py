@@ -10,7 +10,7 @@ from pathlib import Path
 
 import bpy
 
-from . import history, lighting
+from . import history, lighting, paths
 from . import world as world_nodes
 from .common import runtime
 from .prefs import schedule_checks
@@ -37,6 +37,7 @@ def _thumbnail(path: str) -> int:
     pcoll = THUMBNAILS.collection
     if pcoll is None or not path:
         return 0
+    path = paths.resolve(path)  # history paths may be relative to the .blend
     key = f"history:{path}"
     if key not in pcoll:
         if not Path(path).is_file():
@@ -61,7 +62,7 @@ def _wrap(layout: bpy.types.UILayout, text: str, icon: str = "NONE", width: int 
     for i, line in enumerate(out[:lines]):
         col.label(text=line, icon=icon if i == 0 else "BLANK1")
     if len(out) > lines:
-        col.label(text="… (the full text is in the tooltip of the error and the worker log)", icon="BLANK1")
+        col.label(text="… (the rest is in the worker log)", icon="BLANK1")
 
 
 def draw_setup_hints(layout: bpy.types.UILayout) -> None:
@@ -116,6 +117,9 @@ def draw_progress(layout: bpy.types.UILayout) -> None:
         for idname, icon in _FIX_BUTTONS.get(state.error_code, ()):
             row.operator(idname, icon=icon)
         row.operator("dit360.clear_error", text="", icon="X")
+        log = PUMP.link.client.log_path if PUMP.link.client is not None else None
+        if log is not None and log.is_file():  # the whole story (a traceback, say) is one click away
+            box.operator("wm.path_open", text="Open Worker Log", icon="TEXT").filepath = str(log)
 
 
 def draw_environment_info(layout: bpy.types.UILayout, info: dict) -> None:
@@ -153,6 +157,8 @@ def draw_world_controls(layout: bpy.types.UILayout, context: bpy.types.Context) 
         sun = col.column()
         sun.enabled = bool(info.get("has_lamp"))
         sun.prop(settings, "use_sun")
+        if not settings.use_sun and info.get("kind") == "lighting":  # lighting.refresh kept the lamp
+            sun.label(text="The HDR with the sun in it is missing: the sun stays a lamp.", icon="INFO")
         row = sun.row()
         row.enabled = settings.use_sun
         row.prop(settings, "sun_strength")

@@ -167,6 +167,9 @@ class DIT360_WorldSettings(bpy.types.PropertyGroup):
         soft_max=4.0,
         update=_sync,
     )
+    # The other HDR of the environment shown (the sun in the map / clamped), so the Sun Lamp toggle
+    # can switch to it without its file: it is saved, packed and appended along with the World.
+    other_hdr: PointerProperty(type=bpy.types.Image, options={"HIDDEN"})
 
 
 class DIT360_DownloadFile(bpy.types.PropertyGroup):

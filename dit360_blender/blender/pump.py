@@ -59,6 +59,7 @@ class Pump:
         state = runtime()
         if state is not None:
             state.status = "Cancelling…"
+        ensure_timer()
         return self.link.cancel(self.job.job_id)
 
     def wait(self, job: Generation, timeout: float | None = None) -> None:
@@ -79,6 +80,12 @@ class Pump:
 
     def tick(self) -> float | None:
         """Handle what arrived; returns the next interval in seconds, or None when idle."""
+        global _cadence
+        _cadence = ACTIVE_INTERVAL_S  # a wake-up asked for during the tick: its own answer follows
+        _cadence = self._tick()
+        return _cadence
+
+    def _tick(self) -> float | None:
         changed = False
         try:
             # poll() hands over everything queued; a bounded number is handled per tick and the
@@ -126,6 +133,15 @@ class Pump:
         if state is not None:
             state.running = False
 
+    def before_save(self) -> None:
+        """A save is about to write the file: it must hold the user's World, not the preview."""
+        if self.busy:
+            self.job.preview.before_save()
+
+    def after_save(self) -> None:
+        if self.busy:
+            self.job.preview.after_save()
+
     def shutdown(self) -> None:
         """unregister(): stop the timer, the tasks and the worker; restore a World a job was using."""
         if bpy.app.timers.is_registered(_timer):
@@ -140,15 +156,23 @@ class Pump:
         self.link.shutdown()
 
 
+_cadence: float | None = None  # the interval the last tick asked for: how soon the timer runs again
+
+
 def _timer() -> float | None:
     return PUMP.tick()
 
 
 def ensure_timer() -> None:
-    """Start the pump if it is not running (it stops itself when idle). Looked up at call time so a
-    test harness can stand in for `bpy.app.timers`."""
-    if not bpy.app.timers.is_registered(_timer):
-        bpy.app.timers.register(_timer, first_interval=ACTIVE_INTERVAL_S, persistent=True)
+    """Have the pump run within ACTIVE_INTERVAL_S: start it, or bring forward a timer that idles at
+    IDLE_INTERVAL_S, so Generate and Cancel show their first effect at once whatever the idle
+    state. Looked up at call time so a test harness can stand in for `bpy.app.timers`."""
+    registered = bpy.app.timers.is_registered(_timer)
+    if registered and _cadence is not None and _cadence <= ACTIVE_INTERVAL_S:
+        return
+    if registered:
+        bpy.app.timers.unregister(_timer)
+    bpy.app.timers.register(_timer, first_interval=0.0, persistent=True)
 
 
 PUMP = Pump()

@@ -18,21 +18,21 @@ def apply_result(
     event: dict,
     params: dict,
     *,
-    world_name: str | None = None,
+    world: bpy.types.World | None = None,
     take_world: bool | None = None,
     pack: bool | None = None,
     seconds: float = 0.0,
     before_assign: Callable[[], None] | None = None,
 ) -> bpy.types.Image:
     """Apply a worker `result` event to `scene`: the HDR (or PNG) into the DiT360 chain of the World
-    `world_name` (default: the scene's; a new one if there is none), the scene uses that World
+    `world` (default: the scene's; a new one if there is none), the scene uses that World
     (unless `take_world` is False), its Sun lamp is set up, and the history gets an entry.
 
     `before_assign()` runs after the World is set up and before the scene takes it (a job uses it to
     drop its preview World). Returns the image the World shows. Raises on failure (nothing is
     recorded then)."""
     settings = scene.dit360
-    target = bpy.data.worlds.get(world_name) if world_name else scene.world
+    target = world if world is not None else scene.world
     if target is None:
         target = bpy.data.worlds.new("World")
     if take_world is None:
@@ -45,8 +45,7 @@ def apply_result(
         before_assign()
     if take_world:
         scene.world = target
-    if scene.world == target:
-        lighting.sync_sun(scene, target)
+    lighting.sync_suns(target)  # every scene that shares the World gets its Sun, not only this one
     history.record(scene, params, event, image, seconds)
     THUMBNAILS.load(f"history:{event['path']}", event["path"])
     return image

@@ -374,7 +374,7 @@ def step_regenerate(data: dict) -> None:
     settings.strength = 0.5
     data["strength_ratio"] = {"sun": sun_object().data.energy / base, "background": background_strength()}
     settings.strength = 1.0
-    # toggle off: our Sun goes, the World keeps _lighting.hdr; undo gives the Sun back
+    # toggle off: our Sun goes, the World shows .hdr (the sun in the map); undo gives the Sun back
     settings.use_sun = False
     bpy.ops.ed.undo_push(message="Sun off")  # the UI pushes one for every property edit
     data["off_suns"] = tagged_suns()

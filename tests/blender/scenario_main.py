@@ -88,6 +88,7 @@ def step_install(data: dict) -> None:
     data["wm_prop"] = hasattr(bpy.types.WindowManager, "dit360")
     data["prefs_idname"] = type(addon_prefs()).bl_idname
     data["torch_loaded"] = "torch" in sys.modules
+    data["blender"] = [list(bpy.app.version), list(sys.version_info[:2])]
     data["user_dir"] = str(bpy.utils.extension_path_user(harness.MODULE, path="", create=False))
 
 
@@ -242,7 +243,7 @@ def _run_until(predicate, timeout=120.0):
 
 def _preview_seen() -> bool:
     job = ctrl().job
-    return job is not None and (job.done or (job.preview_world is not None and "preview" in job.events))
+    return job is not None and (job.done or (job.preview.world() is not None and "preview" in job.events))
 
 
 def _failure_record(data: dict, before: dict) -> None:
