@@ -86,7 +86,7 @@ def test_generate_and_cancel_reach_the_pump_within_a_tenth_of_a_second(jobs):
     assert d["idle_ticks_in_3s"] <= 2  # idle, it stays cheap
 
 
-def test_a_worker_that_cannot_start_shows_its_cause_and_the_log_and_leaves_no_socket(jobs):
+def test_a_worker_that_cannot_start_shows_its_cause_and_the_log(jobs):
     d = step(jobs, "start_failure")
     assert d["error"]["code"] == "worker_start_failed"
     labels = " ".join(d["labels"])
@@ -96,6 +96,11 @@ def test_a_worker_that_cannot_start_shows_its_cause_and_the_log_and_leaves_no_so
     assert len(logs) == 1 and logs[0]["text"] == "Open Worker Log"
     assert "Traceback (most recent call last)" in d["log_text"] and "No module named 'torch'" in d["log_text"]
     assert "dit360.install_dependencies" in [o["id"] for o in d["operators"]]
+
+
+def test_a_worker_that_fails_after_connecting_leaves_no_socket_open(jobs):
+    d = step(jobs, "start_failure")
+    assert d["error"]["code"] == "worker_start_failed"  # it failed after the client had connected
     assert d["sockets_after"] <= d["sockets_before"], d
     assert not [w for w in d["resource_warnings"] if "socket" in w], d["resource_warnings"]
 
