@@ -25,7 +25,6 @@ VAE_DOWNSCALE = 8
 PATCH = 2
 
 
-
 @dataclass(frozen=True)
 class SamplerStep:
     """What `denoise` hands to `on_step` after step `index` (1-based) of `total`, in the padded token

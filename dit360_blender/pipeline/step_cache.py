@@ -54,4 +54,8 @@ class StepCache:
         self._rest_residual = rest_residual
 
     def report(self) -> dict:
-        return {"threshold": self.threshold, "full_evaluations": self.full_evaluations, "skipped": self.skipped}
+        return {
+            "threshold": self.threshold,
+            "full_evaluations": self.full_evaluations,
+            "skipped": self.skipped,
+        }
