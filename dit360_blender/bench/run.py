@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -227,7 +228,7 @@ class Bench:
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70)
         print(f"[profile {mode}]\n{table}", flush=True)
-        (self.args.out / f"profile_{mode.replace(':', '_')}.txt").write_text(table)
+        (self.args.out / f"profile_{re.sub(r'[^A-Za-z0-9._-]', '_', mode)}.txt").write_text(table)
 
     def _attention_probe(self) -> None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
