@@ -107,7 +107,7 @@ TORCH_CUDA_INDEX = TORCH_INDEX_BASE + "cu128"  # when the driver's CUDA version 
 # ---------------------------------------------------------------------------------------------
 
 # Distribution name -> module to import for --check, where the two differ.
-IMPORT_NAMES: dict[str, str] = {"pillow": "PIL"}
+IMPORT_NAMES: dict[str, str] = {"pillow": "PIL", "openexr": "OpenEXR"}
 
 TORCH_CHOICES = ("auto", "cuda", "cpu", "mps", "local")
 DEV_PYTHON = (3, 11)
