@@ -234,10 +234,12 @@ def test_world_gets_the_chain_pointing_at_the_written_image(scenario):
     assert "DiT360 Lighting:Background->World Output:Surface" in links
     img = d["image"]
     assert img["exists"] and img["size"] == [128, 64]
-    # the World shows the float HDR written beside the PNG (<stem>.hdr, or <stem>_lighting.hdr with a Sun)
+    # the World shows the float HDR written beside the PNG as half-float OpenEXR (<stem>.exr, or
+    # <stem>_lighting.exr with a Sun), the .hdr of the same name beside it
     hdr = Path(img["filepath"])
     path = Path(img["props"]["dit360_png_file"])
-    assert hdr.parent == path.parent and hdr.suffix == ".hdr" and hdr.name.startswith(path.stem)
+    assert hdr.parent == path.parent and hdr.suffix == ".exr" and hdr.name.startswith(path.stem)
+    assert hdr.with_suffix(".hdr").is_file()
     assert path.is_file() and path.name == "a-red-desert-canyon-under-a-pale-sky_4242.png"
     # an unsaved .blend: the add-on's user folder
     assert "/extensions/.user/user_default/dit360_blender/outputs" in str(path).replace("\\", "/")
@@ -295,7 +297,9 @@ def test_history_reapplies_and_copies_settings(scenario):
         4242,
     ]  # newest first (the scene without a World has its own)
     assert d["applied_png"] == d["oldest_file"]  # the oldest entry's environment (its HDR) is shown
-    assert d["applied_file"] in d["oldest_hdrs"] and len(d["oldest_hdrs"]) == 2
+    assert len(d["oldest_hdrs"]) == 2  # the entry records the .hdr files; the World shows the EXR beside one
+    assert Path(d["applied_file"]).suffix == ".exr"
+    assert str(Path(d["applied_file"]).with_suffix(".hdr")) in d["oldest_hdrs"]
     assert d["panel_after_copy"]["seed"] == 4242 and d["panel_after_copy"]["randomize"] is False
     assert d["panel_after_copy"]["steps"] == 3
 
