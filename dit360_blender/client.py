@@ -40,6 +40,8 @@ from .launch import worker_env
 from .params import defaults
 from .protocol import (
     FINAL_TYPES,
+    HEARTBEAT_MISSES,
+    HEARTBEAT_TIMEOUT_S,
     TOKEN_ENV,
     WORKER_MESSAGES,
     FrameDecoder,
@@ -54,9 +56,11 @@ from .redact import redact
 from .worker_process import (
     HANDSHAKE_TIMEOUT_S,
     READ_WAKE_S,
+    Heartbeat,
     WorkerError,
     WorkerProcess,
     handshake,
+    lost_job_error,
     spawn,
     start_failure,
 )
@@ -117,7 +121,8 @@ class WorkerClient:
     `python`: the interpreter that runs the worker (default: this one, i.e. Blender's own Python);
     `vendor_dir`: the folder of the worker's packages (torch, ...), put first on its PYTHONPATH;
     `log_dir`: where the worker writes worker.log; `hf_token`: passed as HF_TOKEN in the worker's
-    environment only; `extra_env`: more environment variables for the worker (e.g. HF_HUB_OFFLINE).
+    environment only; `extra_env`: more environment variables for the worker (e.g. HF_HUB_OFFLINE);
+    `heartbeat_timeout`: a worker that answers no ping this long is reported and killed.
     """
 
     def __init__(
@@ -128,11 +133,13 @@ class WorkerClient:
         hf_token: str | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
         extra_env: Mapping[str, str] | None = None,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         self.python = str(python) if python else sys.executable
         self.vendor_dir = Path(vendor_dir) if vendor_dir else None
         self.log_dir = Path(log_dir) if log_dir else default_log_dir()
         self.handshake_timeout = handshake_timeout
+        self.heartbeat_timeout = heartbeat_timeout
         self.extra_env = dict(extra_env or {})
         self._hf_token = (hf_token or "").strip() or None
         self._lock = threading.RLock()
@@ -353,7 +360,7 @@ class WorkerClient:
                 w.kill()
                 raise WorkerError("worker_start_failed", "The client was closed while the worker started.")
         try:
-            decoder, rest = handshake(w, token, deadline)
+            decoder, rest = handshake(w, token, deadline, self.heartbeat_timeout / HEARTBEAT_MISSES)
             return w, decoder, rest
         except BaseException as exc:
             w.kill()
@@ -383,16 +390,24 @@ class WorkerClient:
             self._broken(w)  # the reader reports the death, and this job with it
 
     def _read(self, w: WorkerProcess, decoder: FrameDecoder, items: list) -> None:
-        """The reader thread: frames → events; on EOF or a dead process, end the worker's jobs."""
+        """The reader thread: frames → events, and the pings; on EOF, a dead process or a worker
+        silent for the heartbeat timeout (which is then killed), end the worker's jobs."""
         assert w.sock is not None
+        beat = Heartbeat(self.heartbeat_timeout)
         while True:
             for item in items:
                 self._on_frame(item)
             items = []
             try:
-                ready, _, _ = select.select([w.sock], [], [], READ_WAKE_S)
+                ready, _, _ = select.select([w.sock], [], [], min(READ_WAKE_S, beat.interval))
+                now = time.monotonic()
+                if beat.ping_due(now):
+                    w.send(message("ping"))
                 if not ready:
                     if w.proc.poll() is not None:
+                        break
+                    w.unresponsive = beat.expired(now)
+                    if w.unresponsive:
                         break
                     continue
                 data = w.sock.recv(65536)
@@ -400,6 +415,7 @@ class WorkerClient:
                 break
             if not data:
                 break
+            beat.heard = time.monotonic()
             items = decoder.feed(data)
         self._on_gone(w)
 
@@ -417,6 +433,8 @@ class WorkerClient:
             return
         if msg["type"] == "status":
             self._statuses.put(msg)
+            return
+        if msg["type"] == "pong":  # the reader loop noted that the worker spoke
             return
         if msg["type"] in FINAL_TYPES and msg.get("job_id") is not None:
             with self._lock:
@@ -439,26 +457,10 @@ class WorkerClient:
             w.sock.close()
         w.gone.set()
         for job_id in lost:
-            self._emit(self._lost_job_event(w, job_id, code))
+            self._emit(lost_job_error(w, job_id, code, self.log_path, self._scrub, self.heartbeat_timeout))
         if not lost and not w.closing:
-            self._emit(message("log", level="warning", message=f"The worker exited (exit code {code})."))
-
-    def _lost_job_event(self, w: WorkerProcess, job_id: str, code: int | None) -> dict:
-        if w.closing:
-            return error("cancelled", "The worker was closed before the job finished.", "", job_id=job_id)
-        for t in w.drains:
-            t.join(0.2)
-        tail = w.tail()
-        text = f"The worker process stopped unexpectedly (exit code {code})." + (
-            f"\nLast lines of its output:\n{tail}" if tail else ""
-        )
-        return error(
-            "worker_died",
-            self._scrub(text),
-            "Submit the job again: a new worker starts automatically. If it keeps happening, the "
-            f"computer may be running out of memory; see {self.log_path}.",
-            job_id=job_id,
-        )
+            what = "stopped responding and was stopped" if w.unresponsive else f"exited (exit code {code})"
+            self._emit(message("log", level="warning", message=f"The worker {what}."))
 
     def _broken(self, w: WorkerProcess) -> None:
         """A send failed: the stream may be half-written, so this worker is finished. Killing it is

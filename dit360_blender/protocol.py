@@ -21,12 +21,15 @@ Client → worker
 ========== ================================ =====================================================
 type       fields                           meaning
 ========== ================================ =====================================================
-hello      token, [client]                  must be the first message; a wrong token (or anything
-                                            else first) gets an ``error`` and the connection closes
+hello      token, [client], [heartbeat]     must be the first message; a wrong token (or anything
+                                            else first) gets an ``error`` and the connection closes;
+                                            ``heartbeat``: the client pings at least every so many
+                                            seconds (see Heartbeats)
 generate   job_id, params                   queue a job (``params``: the table in ``params.py``)
 cancel     job_id                           stop the running job between two sampling steps, or
                                             drop it from the queue
 status     –                                ask for a ``status`` reply
+ping       –                                ask for a ``pong`` (see Heartbeats)
 shutdown   –                                cancel everything and exit
 ========== ================================ =====================================================
 
@@ -51,7 +54,18 @@ error      job_id (or null), code, message, a job failed (the job's final event)
 log        level, message, [job_id]         a notable worker log line (warnings, model loads)
 status     running, queued, loads,          reply to ``status``; ``loads`` counts model loads in
            model_loaded, pid, rss_bytes     this worker (rss_bytes null where unknown)
+pong       –                                reply to ``ping``, from the connection's reader thread
 ========== ================================ =====================================================
+
+Heartbeats
+~~~~~~~~~~
+A worker can hang while its process lives (suspended, swapping to death, stuck holding the GIL), and
+a client can hang too. So the client sends ``ping`` every ``PING_INTERVAL_S`` (it says how often in
+its hello) and the worker answers ``pong`` from the thread that reads the socket, never the job's, so
+a long job doesn't delay it. A side that hears nothing at all from the other for
+``HEARTBEAT_MISSES`` intervals (``HEARTBEAT_TIMEOUT_S`` = 30 s by default) gives up on it: the client
+ends the worker's unfinished jobs with ``worker_unresponsive`` and kills it (the next job starts a
+fresh one); the worker treats a client that promised heartbeats and went silent as gone and exits.
 
 A job ends with exactly one ``result`` or ``error`` carrying its ``job_id``. A cancelled job ends
 with ``error`` code ``cancelled`` (no separate event type: one "job ended badly" path for clients);
@@ -93,6 +107,10 @@ PORT_ANNOUNCE = "DIT360_WORKER_PORT"  # the worker's first stdout line: "DIT360_
 
 STAGES = ("loading", "encoding", "sampling", "decoding", "saving")
 
+PING_INTERVAL_S = 2.0  # the client's ping period (see Heartbeats)
+HEARTBEAT_MISSES = 15  # silent intervals before a side gives up on the other
+HEARTBEAT_TIMEOUT_S = PING_INTERVAL_S * HEARTBEAT_MISSES
+
 # Error codes: every code an `error` message or a client-side failure carries is declared here, and
 # `error()` refuses any other (tests/test_error_codes.py checks these lists against every code the
 # package produces). Job errors mirror the pipeline's DiT360Error codes plus the worker's own.
@@ -123,6 +141,7 @@ JOB_ERRORS = (
 CLIENT_ERRORS = (
     "worker_died",  # the worker process exited while a job was unfinished
     "worker_start_failed",  # no worker: its Python is missing or broken, or it did not answer
+    "worker_unresponsive",  # the worker's process lives but answered no ping for HEARTBEAT_TIMEOUT_S
     "apply_failed",  # Blender could not apply a finished result (the image is gone)
 )
 ERROR_CODES = PROTOCOL_ERRORS + JOB_ERRORS + CLIENT_ERRORS
@@ -150,10 +169,11 @@ class ProtocolError(ValueError):
 _S, _I, _N, _B, _D, _L, _0 = "str", "int", "num", "bool", "dict", "list", "null"
 
 CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
-    "hello": {"token": ((_S,), True), "client": ((_S,), False)},
+    "hello": {"token": ((_S,), True), "client": ((_S,), False), "heartbeat": ((_N,), False)},
     "generate": {"job_id": ((_S,), True), "params": ((_D,), True)},
     "cancel": {"job_id": ((_S,), True)},
     "status": {},
+    "ping": {},
     "shutdown": {},
 }
 
@@ -214,6 +234,7 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
         "pid": ((_I,), True),
         "rss_bytes": ((_I, _0), True),
     },
+    "pong": {},
 }
 
 FINAL_TYPES = ("result", "error")  # a job's last event is one of these (with its job_id)

@@ -21,6 +21,7 @@ from typing import Any
 from ._version import __version__
 from .launch import PACKAGE_DIR
 from .protocol import (
+    HEARTBEAT_MISSES,
     PORT_ANNOUNCE,
     PROTOCOL_VERSION,
     WORKER_MESSAGES,
@@ -28,6 +29,7 @@ from .protocol import (
     ProtocolError,
     decode,
     encode,
+    error,
     message,
 )
 
@@ -73,6 +75,7 @@ class WorkerProcess:
         self.drains: list[threading.Thread] = []
         self.reader: threading.Thread | None = None
         self.start_logs: list[str] = []  # `log` messages sent before `ready` (often the failure's cause)
+        self.unresponsive = False  # it answered no ping in time and was killed
 
     def send(self, msg: dict) -> None:
         """Raises ProtocolError for a message that cannot be sent, OSError when the worker cannot
@@ -152,13 +155,14 @@ def spawn(python: str, log_dir: Path, env: dict[str, str]) -> WorkerProcess:
     return w
 
 
-def handshake(w: WorkerProcess, token: str, deadline: float) -> tuple[FrameDecoder, list]:
+def handshake(w: WorkerProcess, token: str, deadline: float, heartbeat: float) -> tuple[FrameDecoder, list]:
     """Wait for the port, connect, hello → ready; `w.ready` holds the reply. Returns the decoder and
-    the frames that came after `ready`. Raises WorkerError, TimeoutError or WorkerExited."""
+    the frames that came after `ready`. `heartbeat`: the ping interval the client promises.
+    Raises WorkerError, TimeoutError or WorkerExited."""
     _wait_port(w, deadline)
     w.sock = socket.create_connection(("127.0.0.1", w.port), timeout=_left(deadline))
     w.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    w.send(message("hello", token=token, client=f"dit360_blender {__version__}"))
+    w.send(message("hello", token=token, client=f"dit360_blender {__version__}", heartbeat=heartbeat))
     decoder = FrameDecoder()
     first, rest = _first_reply(w, decoder, deadline)
     w.sock.settimeout(SEND_TIMEOUT_S)
@@ -198,6 +202,55 @@ def start_failure(
         "Install or repair the worker's packages (add-on Preferences → Install dependencies), or set "
         f"the worker's Python there. Details are in {log_path}.",
     )
+
+
+def lost_job_error(
+    w: WorkerProcess,
+    job_id: str,
+    code: int | None,
+    log_path: Path,
+    scrub: Callable[[str], str],
+    silence_s: float,
+) -> dict:
+    """The final `error` of a job whose worker went away (closed, died, or killed as unresponsive
+    after `silence_s` without a word)."""
+    if w.closing:
+        return error("cancelled", "The worker was closed before the job finished.", "", job_id=job_id)
+    again = "Submit the job again: a new worker starts automatically."
+    if w.unresponsive:
+        return error(
+            "worker_unresponsive",
+            f"The worker answered nothing for {silence_s:.0f} s although its process was still there "
+            "(suspended, out of memory and swapping, or stuck), so it was stopped.",
+            f"{again} If it keeps happening, see {log_path}.",
+            job_id=job_id,
+        )
+    for t in w.drains:
+        t.join(0.2)
+    tail = w.tail()
+    text = f"The worker process stopped unexpectedly (exit code {code})." + (
+        f"\nLast lines of its output:\n{tail}" if tail else ""
+    )
+    hint = f"{again} If it keeps happening, the computer may be running out of memory; see {log_path}."
+    return error("worker_died", scrub(text), hint, job_id=job_id)
+
+
+class Heartbeat:
+    """The client's side of the heartbeats (protocol.py): when to ping, when to give up."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.interval = timeout / HEARTBEAT_MISSES
+        self.heard = self.pinged = time.monotonic()
+
+    def ping_due(self, now: float) -> bool:
+        if now - self.pinged < self.interval:
+            return False
+        self.pinged = now
+        return True
+
+    def expired(self, now: float) -> bool:
+        return now - self.heard > self.timeout
 
 
 class WorkerExited(Exception):

@@ -7,21 +7,25 @@ One client serves the module; its worker is started by the first test, as in Ble
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_client_lifecycle import gone
 
-from dit360_blender.client import Job, WorkerClient
+from dit360_blender.client import Job, JobError, WorkerClient
 from dit360_blender.protocol import FINAL_TYPES, ProtocolError
 
 PROMPT = "This is a panorama. A frozen lake between pines."
+HEARTBEAT_S = 6.0  # the module's client gives up on a silent worker after this (default 30 s)
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    c = WorkerClient(log_dir=tmp_path_factory.mktemp("resilience-logs"), extra_env={"HF_HUB_OFFLINE": "1"})
+    logs = tmp_path_factory.mktemp("resilience-logs")
+    c = WorkerClient(log_dir=logs, extra_env={"HF_HUB_OFFLINE": "1"}, heartbeat_timeout=HEARTBEAT_S)
     yield c
     c.close()
 
@@ -79,3 +83,35 @@ def test_a_job_too_large_to_send_is_refused_at_submit_and_the_worker_serves_on(c
     ended = finals(client, [client.submit(job(filename="after-large"))])
     assert ended and client.worker_pid == pid  # the same worker: nothing was half-sent to it
     assert os.path.exists(Path(next(iter(ended.values()))[0]["path"]))
+
+
+# -- item 4: a hung worker (last: it costs the module its worker) ---------------------------------
+
+
+def test_a_hung_worker_is_reported_unresponsive_killed_and_replaced(client, job):
+    """SIGSTOP mid-job: the process lives but says nothing. run() without a timeout of its own ends
+    with worker_unresponsive once the heartbeat timeout has passed; the hung process is killed and
+    the next job gets a fresh worker. (Every earlier job of this module ran under the same short
+    timeout, the first one through the model load: the worker's reader thread answers the pings
+    while its job thread is busy.)"""
+    assert client.heartbeat_timeout == HEARTBEAT_S
+    pid = client.worker_pid
+    stopped: list[float] = []
+
+    def hang_at_first_step(event: dict) -> None:
+        if event["type"] == "progress" and event["stage"] == "sampling" and not stopped:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(time.monotonic())
+
+    with pytest.raises(JobError) as info:
+        client.run(job(steps=400, width=128, height=64, filename="long"), on_event=hang_at_first_step)
+    waited = time.monotonic() - stopped[0]
+    err = info.value
+    assert err.code == "worker_unresponsive" and f"{HEARTBEAT_S:.0f} s" in err.message and err.hint
+    assert HEARTBEAT_S - 0.5 <= waited <= HEARTBEAT_S + 10, waited
+    deadline = time.monotonic() + 10
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(pid), "the hung worker was left running"
+    result = client.run(job(filename="after-hang"), timeout=300)
+    assert result["type"] == "result" and client.worker_pid not in (None, pid)

@@ -242,3 +242,32 @@ def test_a_final_event_that_cannot_be_encoded_still_ends_its_job():
         ("error", "nan-job", "internal"), ("error", "big-job", "internal"), ("log", None, None),
     ]  # fmt: skip
     assert got[2]["message"] == "\\xff" * 10
+
+
+# -- item 4: heartbeats, the worker's side ---------------------------------------------------------
+
+
+def test_the_worker_answers_pings_and_leaves_a_client_that_went_silent(tmp_path):
+    """A client that promised a ping every 0.1 s: answered with pongs for 3 s (twice the silence
+    limit of 15 intervals), then silent: the worker stops itself instead of waiting forever."""
+    token = secrets.token_urlsafe(32)
+    proc, port = start_worker(tmp_path, token)
+    try:
+        conn = Raw(port)
+        conn.send(message("hello", token=token, heartbeat=0.1))
+        conn.recv_type("ready")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.0:
+            conn.send(message("ping"))
+            assert conn.recv_type("pong")["type"] == "pong"
+            time.sleep(0.1)
+        assert proc.poll() is None
+        silent = time.monotonic()
+        assert proc.wait(timeout=15) == 0
+        print(f"\nworker gone {time.monotonic() - silent:.2f} s after its client went silent")
+        assert time.monotonic() - silent >= 1.5 - 0.2
+        assert "no heartbeat" in (tmp_path / "worker.log").read_text(encoding="utf-8")
+        conn.close()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -30,6 +30,7 @@ from pathlib import Path
 from ..protocol import (
     CLIENT_MESSAGES,
     FINAL_TYPES,
+    HEARTBEAT_MISSES,
     FrameDecoder,
     ProtocolError,
     check_generate_params,
@@ -60,7 +61,15 @@ class Connection:
         self.sock = sock
         self.secrets = secrets
         self.closed = False
+        self.heartbeat: float | None = None  # the ping interval the client promised in its hello
+        self.last_heard: float | None = None  # when a frame last arrived, once its reader runs
         self._lock = threading.Lock()
+
+    def silent_too_long(self, now: float) -> bool:
+        """A client that promised heartbeats and sent nothing for HEARTBEAT_MISSES of them."""
+        if self.heartbeat is None or self.last_heard is None:
+            return False
+        return now - self.last_heard > HEARTBEAT_MISSES * self.heartbeat
 
     def send(self, msg: dict) -> bool:
         """Send one message; never raises. A job's final event that cannot be encoded (too large,
@@ -179,7 +188,7 @@ class Worker:
             if conn not in self._waiting:  # dropped to make room: its frame may be cut short
                 return
             self._waiting.remove(conn)  # from here on it can't be dropped
-        refusal = self._authenticate(first)
+        refusal = self._authenticate(first, conn)
         if refusal is None:
             refusal = self._claim(conn)
         if refusal is not None:
@@ -190,6 +199,7 @@ class Worker:
         conn.sock.settimeout(SEND_TIMEOUT_S)
         self._ready.wait()
         conn.send(message("ready", **(self.ready_info or {})))
+        conn.last_heard = time.monotonic()  # its heartbeats count from here: nothing was read before
         logger.info("client connected")
         self._read_loop(conn, decoder, rest)
         logger.info("client disconnected")
@@ -214,7 +224,7 @@ class Worker:
             if items:
                 return items[0], items[1:]
 
-    def _authenticate(self, first: bytes | ProtocolError | None) -> ProtocolError | None:
+    def _authenticate(self, first: bytes | ProtocolError | None, conn: Connection) -> ProtocolError | None:
         if first is None:
             return ProtocolError("not_authenticated", "No hello arrived in time.", "Send hello first.")
         if isinstance(first, ProtocolError):
@@ -236,6 +246,8 @@ class Worker:
                 "Wrong token: this worker only serves the client that started it.",
                 "Let the add-on start its own worker.",
             )
+        if msg.get("heartbeat", 0) > 0:
+            conn.heartbeat = float(msg["heartbeat"])
         return None
 
     def _claim(self, conn: Connection) -> ProtocolError | None:
@@ -258,6 +270,7 @@ class Worker:
                 return
             if not data:
                 return
+            conn.last_heard = time.monotonic()
             items = decoder.feed(data)
 
     # -- messages --------------------------------------------------------------------------------
@@ -324,6 +337,9 @@ class Worker:
             )
         )  # fmt: skip
 
+    def _on_ping(self, conn: Connection, msg: dict) -> None:
+        conn.send(message("pong"))  # from this reader thread: a busy job thread doesn't delay it
+
     def _on_shutdown(self, conn: Connection, msg: dict) -> None:
         self.stop("shutdown requested")
 
@@ -370,7 +386,7 @@ class Worker:
         return 0
 
     def watch(self, parent_pid: int | None) -> None:
-        """Exit when the parent dies, or when no client authenticated in time."""
+        """Exit when the parent dies, when no client authenticated in time, or when the client went silent."""
         alive = parent_watch(parent_pid) if parent_pid else (lambda: True)
 
         def loop() -> None:
@@ -378,7 +394,10 @@ class Worker:
                 time.sleep(WATCH_INTERVAL_S)
                 if not alive():
                     hard_exit(0, f"the parent process {parent_pid} is gone")
-                if self.owner is None and time.monotonic() - self._started > self.accept_timeout:
+                now = time.monotonic()
+                if self.owner is None and now - self._started > self.accept_timeout:
                     hard_exit(0, "no client connected in time")
+                if self.owner is not None and self.owner.silent_too_long(now):
+                    self.stop("the client sent no heartbeat in time")
 
         threading.Thread(target=loop, name="watchdog", daemon=True).start()
