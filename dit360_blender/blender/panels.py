@@ -29,6 +29,7 @@ _FIX_BUTTONS = {
     "download_gated": (("dit360.open_preferences", "PREFERENCES"),),
     "out_of_memory": (("dit360.open_preferences", "PREFERENCES"),),
     "device_unavailable": (("dit360.open_preferences", "PREFERENCES"),),
+    "worker_unresponsive": (("dit360.stop_worker", "X"),),  # the client stopped it; this makes sure
 }
 
 
