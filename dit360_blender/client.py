@@ -26,7 +26,6 @@ import secrets
 import select
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -36,7 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .launch import worker_env
+from .launch import default_work_dir, private_dir, worker_env
 from .params import defaults
 from .protocol import (
     FINAL_TYPES,
@@ -67,7 +66,7 @@ from .worker_process import (
 
 GENERATE_DEFAULTS = defaults()
 
-__all__ = ["Job", "JobError", "WorkerClient", "WorkerError", "default_log_dir"]
+__all__ = ["Job", "JobError", "WorkerClient", "WorkerError"]
 
 
 class JobError(WorkerError):
@@ -110,18 +109,13 @@ class Job:
         return out
 
 
-def default_log_dir() -> Path:
-    """Where worker.log goes when the caller names no folder (the add-on passes its user folder)."""
-    return Path(tempfile.gettempdir()) / "dit360_blender"
-
-
 class WorkerClient:
     """Owns at most one worker process; see the module docstring. Thread-safe.
 
     `python`: the interpreter that runs the worker (default: this one, i.e. Blender's own Python);
     `vendor_dir`: the folder of the worker's packages (torch, ...), put first on its PYTHONPATH;
-    `log_dir`: where the worker writes worker.log; `hf_token`: passed as HF_TOKEN in the worker's
-    environment only; `extra_env`: more environment variables for the worker (e.g. HF_HUB_OFFLINE);
+    `log_dir`: where the worker writes worker.log and runs (a folder only this user can write to);
+    `hf_token`: passed as HF_TOKEN in the worker's environment only; `extra_env`: more environment variables for the worker (e.g. HF_HUB_OFFLINE);
     `heartbeat_timeout`: a worker that answers no ping this long is reported and killed.
     """
 
@@ -137,7 +131,7 @@ class WorkerClient:
     ) -> None:
         self.python = str(python) if python else sys.executable
         self.vendor_dir = Path(vendor_dir) if vendor_dir else None
-        self.log_dir = Path(log_dir) if log_dir else default_log_dir()
+        self.log_dir = Path(log_dir) if log_dir else default_work_dir()  # the add-on passes its user folder
         self.handshake_timeout = handshake_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.extra_env = dict(extra_env or {})
@@ -352,7 +346,7 @@ class WorkerClient:
         """Spawn, wait for the port, connect, hello → ready. Raises WorkerError with the stderr tail."""
         deadline = time.monotonic() + self.handshake_timeout
         token = secrets.token_urlsafe(32)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)  # the worker runs in it and logs there: no one else may write in it
         w = spawn(self.python, self.log_dir, self._env(token))
         with self._lock:
             self._launching = w

@@ -5,10 +5,48 @@ build it here, so every child finds the same packages and gets the token the sam
 from __future__ import annotations
 
 import os
+import stat
+import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class UnsafeFolderError(PermissionError):
+    """A folder the worker would write to (and run in) that another user could control."""
+
+
+def default_work_dir() -> Path:
+    """This user's own folder in the temporary directory (the shared one, e.g. /tmp, is never used
+    itself): where a worker started without a folder of its caller's keeps its log and caches."""
+    uid = getattr(os, "getuid", None)
+    return Path(tempfile.gettempdir()) / (f"dit360_blender-{uid()}" if uid else "dit360_blender")
+
+
+def private_dir(folder: Path) -> Path:
+    """`folder`, created 0700 if missing; refused (UnsafeFolderError) when it is a symbolic link, is
+    not a folder, or (POSIX) is owned by another user or writable by others: anyone who can write
+    there could plant a `worker.log` link or a module the worker would run."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = folder.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        problem = "is a symbolic link (someone may have planted it)"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a folder"
+    elif sys.platform != "win32" and info.st_uid != os.geteuid():
+        problem = f"belongs to another user (uid {info.st_uid})"
+    elif sys.platform != "win32" and info.st_mode & 0o022:
+        problem = f"can be written by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    else:
+        return folder
+    raise UnsafeFolderError(f"The worker's folder {folder} {problem}; refusing to use it.")
 
 
 def worker_env(
@@ -31,8 +69,9 @@ def worker_env(
     if hf_token and hf_token.strip():
         env["HF_TOKEN"] = hf_token.strip()
     paths = ([str(vendor_dir)] if vendor_dir else []) + [str(PACKAGE_DIR.parent)]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
+    # An empty entry means "the working directory", a relative one a folder in it: both would
+    # import whatever lies in the worker's folder, so only the caller's absolute entries pass.
+    paths += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.isabs(p)]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -14,6 +15,22 @@ from ..protocol import message
 from ..redact import redact
 
 LOG_MAX_BYTES = 5 * 1024 * 1024
+
+
+class PrivateLogFile(logging.handlers.RotatingFileHandler):
+    """worker.log, opened without following a symbolic link (one planted in the folder would get our
+    lines appended to its target) and readable by this user only (0600, like the outputs)."""
+
+    def _open(self):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(self.baseFilename, flags, 0o600)
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o600)  # a log left by an older version may be 0644
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
 
 
 class ScrubbingFormatter(logging.Formatter):
@@ -66,13 +83,12 @@ class ClientLogHandler(logging.Handler):
 
 
 def setup_logging(log_dir: Path, secrets: list[str]) -> Path:
-    """`<log_dir>/worker.log` (rotated at 5 MB, one backup) plus warnings on stderr."""
+    """`<log_dir>/worker.log` (rotated at 5 MB, one backup) plus warnings on stderr. Raises OSError
+    (ELOOP) when worker.log is a symbolic link."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "worker.log"
     fmt = "%(asctime)s pid %(process)d %(threadName)s %(levelname)s %(name)s: %(message)s"
-    file_handler = logging.handlers.RotatingFileHandler(
-        path, maxBytes=LOG_MAX_BYTES, backupCount=1, encoding="utf-8"
-    )
+    file_handler = PrivateLogFile(path, maxBytes=LOG_MAX_BYTES, backupCount=1, encoding="utf-8")
     file_handler.setFormatter(ScrubbingFormatter(fmt, secrets))
     err_handler = logging.StreamHandler(sys.stderr)
     err_handler.setLevel(logging.WARNING)
