@@ -27,8 +27,9 @@ def default_work_dir() -> Path:
 
 def private_dir(folder: Path) -> Path:
     """`folder`, created 0700 if missing; refused (UnsafeFolderError) when it is a symbolic link, is
-    not a folder, or (POSIX) is owned by another user or writable by others: anyone who can write
-    there could plant a `worker.log` link or a module the worker would run."""
+    not a folder, or (POSIX) is owned by another user: anyone who can write there could plant a
+    `worker.log` link or a module the worker would run. A folder of ours that others may write to
+    (made under umask 002, say) loses those write bits."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -42,9 +43,9 @@ def private_dir(folder: Path) -> Path:
         problem = "is not a folder"
     elif sys.platform != "win32" and info.st_uid != os.geteuid():
         problem = f"belongs to another user (uid {info.st_uid})"
-    elif sys.platform != "win32" and info.st_mode & 0o022:
-        problem = f"can be written by other users (mode {stat.S_IMODE(info.st_mode):o})"
     else:
+        if sys.platform != "win32" and info.st_mode & 0o022:
+            folder.chmod(stat.S_IMODE(info.st_mode) & ~0o022)
         return folder
     raise UnsafeFolderError(f"The worker's folder {folder} {problem}; refusing to use it.")
 

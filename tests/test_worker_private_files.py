@@ -64,15 +64,14 @@ def test_a_planted_worker_log_link_gets_nothing_written_through_it(tmp_path):
 
 
 @POSIX
-def test_folders_others_control_are_refused(tmp_path):
+def test_folders_others_control_are_refused_and_ours_made_private(tmp_path):
     fresh = private_dir(tmp_path / "new")
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
     assert private_dir(fresh) == fresh  # and accepted again
-    shared = tmp_path / "group-writable"
-    shared.mkdir()
-    shared.chmod(0o777)
-    with pytest.raises(UnsafeFolderError, match="written by other users"):
-        private_dir(shared)
+    loose = tmp_path / "group-writable"  # ours, made under a umask of 002 or looser
+    loose.mkdir()
+    loose.chmod(0o777)
+    assert stat.S_IMODE(private_dir(loose).stat().st_mode) == 0o755  # nobody else can write there now
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UnsafeFolderError, match="not a folder"):
         private_dir(tmp_path / "a-file")
