@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from ..pipeline.dit360 import Cancelled, DiT360Pipeline, GenerateRequest, pick_d
 from ..pipeline.errors import DiT360Error
 from ..pipeline.make_panorama import make_panorama
 from ..pipeline.model_files.download import resolve_model_paths
+from ..pipeline.model_files.identity import models_identity
 from ..pipeline.output_files import ensure_writable, plan_output
 from ..pipeline.sampling import SamplerStep
 from ..protocol import error, message
@@ -31,8 +32,11 @@ Send = Callable[[dict], None]
 
 
 class ModelCache:
-    """Keeps one loaded pipeline; a job with the same models and load settings (device, dtype,
-    LoRA strength, memory mode, VAE wrap, the same user LoRA files and strengths) reuses it. Only one is kept: a 12B model twice would not fit, so a change unloads first."""
+    """Keeps one loaded pipeline; a job with the same model files and load settings (device, dtype,
+    LoRA strength, memory mode, VRAM budget, compile, the user LoRAs' strengths) reuses it. The files
+    count by identity (model_files/identity.py: size, times, inode of every file, user LoRAs
+    included), so one changed on disk loads anew. Only one is kept: a 12B model twice would not
+    fit, so a change unloads first."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -55,13 +59,14 @@ class ModelCache:
         )
         device = _normalise(pick_device(params["device"]))
         key = (
-            tuple(sorted((k, str(v)) for k, v in paths.as_dict().items())),
+            models_identity(paths.as_dict(), [item["path"] for item in params["loras"]]),
             str(device),
             params["dtype"],
             float(params["lora_strength"]),
             params["memory_mode"],
             params["vram_budget_gib"],
-            lora_identities(params["loras"]),
+            params["compile"],
+            tuple(float(item["strength"]) for item in params["loras"]),
         )
         if key == self.key and self.pipe is not None:
             return self.pipe, True
@@ -95,21 +100,6 @@ class ModelCache:
             logger.info("unloading models")
         self.pipe, self.key, self._projection = None, None, None
         free_memory()
-
-
-def lora_identities(loras: Sequence[dict]) -> tuple:
-    """The user LoRAs as a cache key: each file by its resolved path, size and modification time
-    (a LoRA saved again under the same name, e.g. by a training run, loads anew) and strength."""
-    out = []
-    for item in loras:
-        path = Path(item["path"]).expanduser()
-        try:
-            stat = path.stat()
-            identity: tuple = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        except OSError:  # missing: the load reports it
-            identity = (str(path), None, None)
-        out.append((*identity, float(item["strength"])))
-    return tuple(out)
 
 
 def free_memory() -> None:
