@@ -7,6 +7,7 @@ One client serves the module; its worker is started by the first test, as in Ble
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -83,6 +84,44 @@ def test_a_job_too_large_to_send_is_refused_at_submit_and_the_worker_serves_on(c
     ended = finals(client, [client.submit(job(filename="after-large"))])
     assert ended and client.worker_pid == pid  # the same worker: nothing was half-sent to it
     assert os.path.exists(Path(next(iter(ended.values()))[0]["path"]))
+
+
+# -- item 6: a model file cut short under a loaded model ------------------------------------------
+
+
+def test_model_files_cut_short_mid_job_and_between_jobs_end_as_errors_not_sigbus(client, job, tmp_path):
+    """On the CPU the transformer and the VAE used to stay memory-mapped from their files: cutting
+    them short mid-job killed the worker with SIGBUS at its next read (worker_died). Now the job in
+    flight finishes from the worker's own copy, the next one sees the changed files and refuses them
+    as damaged, and with the files restored the same worker serves again."""
+    models = tmp_path / "models"
+    shutil.copytree(
+        job().params["models"]["models_dir"], models, ignore=shutil.ignore_patterns("transformer", "vae")
+    )
+    weights = [models / "FLUX.1-dev" / "flux1-dev.safetensors", models / "FLUX.1-dev" / "ae.safetensors"]
+    saved = {path: path.read_bytes() for path in weights}
+    pid = client.worker_pid
+
+    def cut_short_at_first_step(event: dict) -> None:
+        if event["type"] == "progress" and event["stage"] == "sampling" and event["step"] == 1:
+            for path in weights:
+                os.truncate(path, path.stat().st_size // 3)  # in place: the same file, shorter
+
+    result = client.run(
+        job(models_dir=models, steps=6, filename="cut-mid-job"), on_event=cut_short_at_first_step, timeout=300
+    )
+    assert result["model_cached"] is False and client.worker_pid == pid
+    with Image.open(result["path"]) as im:
+        assert im.size == (32, 16)
+    with pytest.raises(JobError) as info:
+        client.run(job(models_dir=models, filename="cut"), timeout=300)
+    assert info.value.code == "weights_missing" and "truncated" in info.value.message
+    for path, data in saved.items():
+        path.write_bytes(data)
+    again = client.run(job(models_dir=models, steps=6, filename="restored"), timeout=300)
+    assert again["model_cached"] is False and client.worker_pid == pid
+    with Image.open(again["path"]) as a, Image.open(result["path"]) as b:
+        assert a.tobytes() == b.tobytes()  # the job cut short under finished with intact weights
 
 
 # -- item 4: a hung worker (last: it costs the module its worker) ---------------------------------

@@ -18,6 +18,7 @@ from ..params import apply_speed
 from ..pipeline.dit360 import Cancelled, DiT360Pipeline, GenerateRequest, pick_device
 from ..pipeline.errors import DiT360Error
 from ..pipeline.make_panorama import make_panorama
+from ..pipeline.mapped_weights import copy_mapped_weights
 from ..pipeline.model_files.download import resolve_model_paths
 from ..pipeline.model_files.identity import models_identity
 from ..pipeline.output_files import ensure_writable, plan_output
@@ -85,6 +86,9 @@ class ModelCache:
             compile=params.get("compile", "auto"),
             loras=[(item["path"], item["strength"]) for item in params["loras"]],
         )
+        copied = copy_mapped_weights(self.pipe)  # a model file changed on disk can't SIGBUS a job
+        if copied:
+            logger.info("kept %.1f MB of memory-mapped weights in RAM", copied / 1e6)
         self.key, self.loads = key, self.loads + 1
         return self.pipe, False
 
