@@ -51,7 +51,7 @@ from .protocol import (
     error,
     message,
 )
-from .redact import redact
+from .redact import redact, token_problem
 from .worker_process import (
     HANDSHAKE_TIMEOUT_S,
     READ_WAKE_S,
@@ -136,6 +136,8 @@ class WorkerClient:
         self.heartbeat_timeout = heartbeat_timeout
         self.extra_env = dict(extra_env or {})
         self._hf_token = (hf_token or "").strip() or None
+        if self._hf_token is not None and token_problem(self._hf_token):
+            raise ValueError(f"The Hugging Face token can't be a real one: {token_problem(self._hf_token)}")
         self._lock = threading.RLock()
         self._events: queue.Queue[dict] = queue.Queue()
         self._held: deque[dict] = deque()  # events `run()` set aside for `poll()`

@@ -53,9 +53,9 @@ def final(conn: Raw, job_id: str, timeout: float = 180.0) -> tuple[dict, list[di
             return msg, seen
 
 
-def start_worker(logs: Path, token: str) -> tuple[subprocess.Popen, int]:
+def start_worker(logs: Path, token: str, **env_vars: str) -> tuple[subprocess.Popen, int]:
     """`python -m dit360_blender.worker` with its stderr in a file (warnings must never fill a pipe)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **{TOKEN_ENV: token})
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **{TOKEN_ENV: token}, **env_vars)
     cmd = [
         sys.executable,
         "-m",
@@ -268,6 +268,44 @@ def test_the_worker_answers_pings_and_leaves_a_client_that_went_silent(tmp_path)
         assert time.monotonic() - silent >= 1.5 - 0.2
         assert "no heartbeat" in (tmp_path / "worker.log").read_text(encoding="utf-8")
         conn.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- item 8: secrets that can't be real ------------------------------------------------------------
+
+
+def test_only_whole_plausible_secrets_are_scrubbed():
+    from dit360_blender.redact import redact
+
+    secret = "hf_AbCdEf0123456789"
+    text = f"GET https://hub/{secret}/x, {secret}. {secret}9 x{secret} {secret}-2"
+    assert redact(text, [secret]) == f"GET https://hub/***/x, ***. {secret}9 x{secret} {secret}-2"
+    frame = '{"v":1,"type":"ready","message":"e"}'
+    for short in ("e", "v", "ready", "progress", "1234567"):  # can't be tokens: never scrubbed
+        assert redact(frame, [short]) == frame
+
+
+def test_a_token_that_cannot_be_real_is_refused_where_it_enters():
+    from dit360_blender.client import WorkerClient
+
+    for bad in ("e", "hf_1", "two words here", "progress_bar"):
+        with pytest.raises(ValueError, match="can't be a real one"):
+            WorkerClient(hf_token=bad)
+
+
+def test_a_one_letter_hf_token_in_the_workers_environment_leaves_the_protocol_intact(tmp_path):
+    """HF_TOKEN=e inherited from the user's environment: every 'e' of every frame used to become
+    '***' ("r***ady": the client could not even read the worker's reply)."""
+    token = secrets.token_urlsafe(32)
+    proc, port = start_worker(tmp_path, token, HF_TOKEN="e")
+    try:
+        conn = authenticate(port, token)
+        conn.send(message("status"))
+        assert conn.recv_type("status")["queued"] == []
+        conn.close()
+        assert proc.wait(timeout=15) == 0
     finally:
         proc.kill()
         proc.wait()

@@ -14,6 +14,7 @@ from pathlib import Path
 import bpy
 
 from ..client import WorkerClient
+from ..redact import token_problem
 from .common import prefs, runtime, user_dir
 from .errors import GenerationError
 
@@ -48,8 +49,11 @@ class WorkerLink:
             )
 
     def hf_token(self) -> str:
+        """The token of the preferences; "" when there is none or it can't be real (the
+        preferences say why): scrubbing a one-letter "token" out of every message would wreck them."""
         p = prefs()
-        return p.hf_token.strip() if p is not None else ""
+        token = p.hf_token.strip() if p is not None else ""
+        return "" if token_problem(token) else token
 
     def model_settings(self) -> tuple[str | None, dict[str, str]]:
         """(models folder or None, explicit component paths) from the preferences."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
+from ..redact import token_problem
 from .common import ADDON_PACKAGE, FLUX_LICENSE_URL, TOKENS_URL, runtime, user_dir
 from .param_props import param_property
 from .pump import PUMP
@@ -154,6 +155,8 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         row.label(text=state.models_summary or "Not checked yet.", icon=icon)
         row.operator("dit360.check_models", text="", icon="FILE_REFRESH")
         box.prop(self, "hf_token")
+        if self.hf_token.strip() and token_problem(self.hf_token):  # link.hf_token() ignores it
+            box.label(text="Not used: " + token_problem(self.hf_token), icon="ERROR")
         row = box.row(align=True)
         row.operator("wm.url_open", text="Accept FLUX.1-dev Licence", icon="URL").url = FLUX_LICENSE_URL
         row.operator("wm.url_open", text="Create Token", icon="URL").url = TOKENS_URL
