@@ -105,6 +105,9 @@ class _FailingPipe:
     def __init__(self, exc):
         self.exc = exc
 
+    def use_vae_wrap(self, on):  # the per-job decode setting the runner applies first
+        self.vae_wrap = on
+
     def generate(self, request, on_step=None, should_cancel=None, on_stage=None):
         on_stage("encoding")
         raise self.exc
