@@ -273,6 +273,41 @@ def test_the_worker_answers_pings_and_leaves_a_client_that_went_silent(tmp_path)
         proc.wait()
 
 
+# -- item 8: smaller ones ------------------------------------------------------------------------
+
+
+def test_a_job_named_like_another_jobs_lighting_file_is_refused(worker, tmp_path):
+    out = tmp_path / "out"
+    reply, _ = run_job(worker, "job-x", out, filename="x", hdr=True)
+    assert reply["type"] == "result" and reply["files"]["lighting"] == str(out / "x_lighting.hdr")
+    before = (out / "x_lighting.hdr").read_bytes()
+    for name in ("x_lighting", "X_Lighting"):  # the same file on a case-insensitive disk
+        reply, _ = run_job(worker, f"job-{name}", out, filename=name, hdr=True)
+        assert reply["type"] == "error" and reply["code"] == "bad_parameters", reply
+        assert "_lighting" in reply["message"] and reply["hint"]
+    assert (out / "x_lighting.hdr").read_bytes() == before  # job x's lighting file, untouched
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".exr")) == [
+        "x.hdr", "x.png", "x_lighting.hdr",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        ({"width": 2**41, "height": 2**40}, "width"),
+        ({"width": 64, "height": 2**40}, "height"),
+        ({"output_dir": "/tmp/out\0put"}, "output folder"),
+    ],
+)
+def test_absurd_sizes_and_a_nul_in_the_output_folder_are_bad_parameters(worker, tmp_path, over, field):
+    conn = worker["conn"]
+    params = tiny_params(worker["models"], tmp_path / "out", **over)
+    conn.send(raw_frame(message("generate", job_id="absurd", params=params)))
+    reply, _ = final(conn, "absurd", timeout=30)
+    assert reply["type"] == "error" and reply["code"] == "bad_parameters" and field in reply["message"]
+    alive(worker)
+
+
 # -- item 8: secrets that can't be real ------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import BadParametersError, OutputWriteError
 
 SLUG_MAX = 48
+LIGHTING_SUFFIX = "_lighting"  # <stem>_lighting.hdr/.exr: the sun-clamped twin written beside <stem>.png
 # DiT360's prompts conventionally start with this phrase; it says nothing about the picture.
 _PROMPT_PREFIX = re.compile(r"^\s*this is a panorama(?: image)?[\s.,:;!-]*", re.IGNORECASE)
 
@@ -30,7 +31,8 @@ def plan_output(output_dir: str | Path, prompt: str, seed: int, filename: str | 
     """The file a job writes: ``<output_dir>/<filename>.png`` when a name is given (overwritten),
     else ``<output_dir>/<slug>_<seed>.png`` with ``-2``, ``-3``... added so earlier results survive.
 
-    Raises BadParametersError for any name that would land outside `output_dir`.
+    Raises BadParametersError for any name that would land outside `output_dir`, and for a name
+    ending in ``_lighting`` (another job's lighting file: job ``x`` writes ``x_lighting.hdr``).
     """
     folder = Path(output_dir)
     if not folder.is_absolute():
@@ -39,6 +41,12 @@ def plan_output(output_dir: str | Path, prompt: str, seed: int, filename: str | 
     if not stem or any(sep in stem for sep in ("/", "\\", "\0")) or stem in (".", ".."):
         raise BadParametersError(
             f"The file name {stem!r} is not allowed.", "Use a plain name without folders."
+        )
+    if stem.lower().endswith(LIGHTING_SUFFIX):  # lower(): the same file on case-insensitive disks
+        raise BadParametersError(
+            f"The file name {stem!r} ends in {LIGHTING_SUFFIX!r}, which names the lighting file of "
+            f"{stem[: -len(LIGHTING_SUFFIX)]!r} (<name>{LIGHTING_SUFFIX}.hdr): it would overwrite it.",
+            f"Choose a name that does not end in {LIGHTING_SUFFIX}.",
         )
     path = folder / f"{stem}.png"
     if filename is None:
