@@ -121,7 +121,7 @@ PROTOCOL_ERRORS = (
     "version_mismatch",  # "v" is not PROTOCOL_VERSION
     "unauthorized",  # wrong token in hello
     "not_authenticated",  # something other than hello first
-    "busy",  # another client already owns this worker (in Blender: a generation is running)
+    "busy",  # another client owns this worker, or MAX_QUEUED_JOBS jobs wait already (job_id set)
     "unknown_job",  # cancel for a job the worker does not have (it may have just finished)
 )
 JOB_ERRORS = (

@@ -308,6 +308,63 @@ def test_absurd_sizes_and_a_nul_in_the_output_folder_are_bad_parameters(worker, 
     alive(worker)
 
 
+def _blocking_models(worker, tmp_path: Path) -> Path:
+    """A models folder whose transformer is a FIFO: the model search blocks opening it until the
+    test opens the other end (a stand-in for a slow disk or network share)."""
+    models = tmp_path / "fifo-models"
+    shutil.copytree(worker["models"], models, ignore=shutil.ignore_patterns("transformer", "vae"))
+    (models / "FLUX.1-dev" / "flux1-dev.safetensors").unlink()
+    os.mkfifo(models / "FLUX.1-dev" / "flux1-dev.safetensors")
+    return models
+
+
+def _unblock(fifo: Path, timeout: float = 30.0) -> None:
+    """Open the FIFO's writing end once the worker waits on its reading end, and close it (EOF)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return
+        except OSError:  # ENXIO: no reader yet
+            assert time.monotonic() < deadline, "the worker never opened the FIFO"
+            time.sleep(0.02)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a FIFO stands in for a slow disk")
+def test_the_queue_is_bounded_and_a_cancel_stops_the_model_search(worker, tmp_path):
+    """While a job is stuck in the model search: 32 jobs queue, the 33rd is refused `busy` (the
+    queue had no bound: 300 jobs of 1 MB grew the worker by 270 MiB); cancelled during the search,
+    the stuck job ends `cancelled` as soon as the search moves on, instead of searching on and
+    failing with weights_missing."""
+    from dit360_blender.worker.jobqueue import MAX_QUEUED_JOBS
+
+    conn = worker["conn"]
+    models = _blocking_models(worker, tmp_path)
+    conn.send(raw_frame(message("generate", job_id="stuck", params=tiny_params(models, tmp_path / "out"))))
+    ids = [f"waiting-{i}" for i in range(MAX_QUEUED_JOBS + 1)]
+    big = "x" * 900_000  # each message close to the 1 MiB limit, as in the attack
+    for job_id in ids:
+        params = tiny_params(worker["models"], tmp_path / "out", prompt="p", models={"paths": {"vae": big}})
+        conn.send(raw_frame(message("generate", job_id=job_id, params=params)))
+    replies = {}
+    while len(replies) < len(ids) + 1:
+        msg = conn.recv(timeout=60)
+        if msg["type"] in ("queued", "error") and msg.get("job_id") in ("stuck", *ids):
+            replies[msg["job_id"]] = msg
+    assert [replies[i]["type"] for i in ids[:-1]] == ["queued"] * MAX_QUEUED_JOBS
+    assert replies[ids[-1]]["type"] == "error" and replies[ids[-1]]["code"] == "busy", replies[ids[-1]]
+    for job_id in ids[:-1]:
+        conn.send(message("cancel", job_id=job_id))
+        assert final(conn, job_id, timeout=30)[0]["code"] == "cancelled"
+    conn.send(message("cancel", job_id="stuck"))
+    still_served(conn)  # the cancel has been read
+    _unblock(models / "FLUX.1-dev" / "flux1-dev.safetensors")
+    reply, seen = final(conn, "stuck", timeout=60)
+    assert reply["type"] == "error" and reply["code"] == "cancelled", reply
+    assert not [m for m in seen if m["type"] == "progress" and m.get("job_id") == "stuck"]  # nothing loaded
+    alive(worker)
+
+
 # -- item 8: secrets that can't be real ------------------------------------------------------------
 
 

@@ -117,7 +117,7 @@ class _FakeCache:
     def __init__(self, pipe):
         self.pipe = pipe
 
-    def get(self, params, on_load, on_download):
+    def get(self, params, on_load, on_download, on_search=None):
         return self.pipe, True
 
 

@@ -29,6 +29,9 @@ class QueuedJob:
             self.cancel.set()
 
 
+MAX_QUEUED_JOBS = 32  # a job's message is up to 1 MiB: the waiting ones stay a few tens of MiB at most
+
+
 class JobQueue:
     """FIFO of jobs plus the one running; thread-safe. `take` blocks until a job or `stop`."""
 
@@ -38,13 +41,17 @@ class JobQueue:
         self._running: QueuedJob | None = None
         self._stopped = False
 
-    def put(self, job: QueuedJob, announce: Callable[[int], None]) -> None:
+    def put(self, job: QueuedJob, announce: Callable[[int], None]) -> bool:
         """Queue `job`; `announce(position)` is called under the lock so the `queued` reply is sent
-        before the runner can start the job (position 0 = runs next)."""
+        before the runner can start the job (position 0 = runs next). False, and nothing queued,
+        when MAX_QUEUED_JOBS are already waiting."""
         with self._cond:
+            if len(self._queue) >= MAX_QUEUED_JOBS:
+                return False
             announce(len(self._queue) + (self._running is not None))
             self._queue.append(job)
             self._cond.notify_all()
+            return True
 
     def take(self) -> QueuedJob | None:
         with self._cond:

@@ -46,10 +46,15 @@ class ModelCache:
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def get(
-        self, params: dict, on_load: Callable[[], None], on_download: Callable
+        self,
+        params: dict,
+        on_load: Callable[[], None],
+        on_download: Callable,
+        on_search: Callable[[], None] | None = None,
     ) -> tuple[DiT360Pipeline, bool]:
         """(pipeline, was_cached). Weights are resolved every time (cheap file checks), so a key
-        names the exact files in use."""
+        names the exact files in use; `on_search()` runs before each component is looked for (it
+        may raise Cancelled)."""
         models = params["models"]
         paths = resolve_model_paths(
             explicit=models["paths"] or None,
@@ -57,6 +62,7 @@ class ModelCache:
             allow_download=models["allow_download"],
             token=None,  # huggingface_hub reads HF_TOKEN from the environment the client set
             progress=on_download,
+            checkpoint=on_search,
         )
         device = _normalise(pick_device(params["device"]))
         key = (
@@ -104,6 +110,11 @@ class ModelCache:
             logger.info("unloading models")
         self.pipe, self.key, self._projection = None, None, None
         free_memory()
+
+
+def _stop_if_cancelled(job: QueuedJob) -> None:
+    if job.cancel.is_set():
+        raise Cancelled()
 
 
 def free_memory() -> None:
@@ -156,10 +167,14 @@ class JobRunner:
         ensure_writable(out.parent)  # fail before minutes of loading and sampling, not after
         timings = {"queued_s": job.started - job.submitted}
         t0 = time.monotonic()
-        pipe, cached = self.cache.get(p, lambda: self._stage(job, "loading"), self._download_cb(job))
+        pipe, cached = self.cache.get(
+            p,
+            lambda: self._stage(job, "loading"),
+            self._download_cb(job),
+            on_search=lambda: _stop_if_cancelled(job),
+        )
         timings["load_s"] = time.monotonic() - t0
-        if job.cancel.is_set():
-            raise Cancelled()
+        _stop_if_cancelled(job)
         pipe.use_vae_wrap(bool(p["vae_wrap"]))  # a decode setting: no reload when it changes
         made = make_panorama(
             pipe, request, out, hdr=p["hdr"], exr=p["exr"], sun_share=float(p["sun_share"]),

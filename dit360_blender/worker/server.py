@@ -40,7 +40,7 @@ from ..protocol import (
     message,
 )
 from ..redact import redact
-from .jobqueue import JobQueue, QueuedJob
+from .jobqueue import MAX_QUEUED_JOBS, JobQueue, QueuedJob
 from .parent import parent_watch
 from .process import hard_exit, ready_fields, rss_bytes
 
@@ -309,9 +309,17 @@ class Worker:
         if self._stopping.is_set():
             conn.send(error("cancelled", "The worker is shutting down.", "Submit again.", job_id=job_id))
             return
-        self.queue.put(
-            QueuedJob(job_id, params), lambda pos: conn.send(message("queued", job_id=job_id, position=pos))
-        )
+
+        def announce(position: int) -> None:
+            conn.send(message("queued", job_id=job_id, position=position))
+
+        if not self.queue.put(QueuedJob(job_id, params), announce):
+            conn.send(
+                error(
+                    "busy", f"The worker already has {MAX_QUEUED_JOBS} jobs waiting.",
+                    "Submit it again when some have finished (or cancel some).", job_id=job_id,
+                )
+            )  # fmt: skip
 
     def _on_cancel(self, conn: Connection, msg: dict) -> None:
         job_id = msg["job_id"]

@@ -34,9 +34,13 @@ def resolve_model_paths(
     progress: ProgressCallback | None = None,
     use_lora: bool = True,
     endpoint: str | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> ModelPaths:
     """Find every component (explicit path, then ``models_dir``, then the Hugging Face cache) and,
     when ``allow_download`` is true, download the missing ones.
+
+    ``checkpoint()`` is called before each component is looked for; like ``progress``, an exception
+    it raises (e.g. to cancel) propagates unchanged.
 
     ``progress(filename, bytes_done, bytes_total)`` is called while each repo file downloads
     (``filename`` relative to its repo; ``bytes_total`` is 0 when unknown). An exception raised by
@@ -48,7 +52,7 @@ def resolve_model_paths(
     DownloadError (no connection, offline mode, repo not found, interrupted download).
     """
     models_dir = as_models_dir(models_dir)
-    found, notes = search(explicit, models_dir, use_lora, strict=True)
+    found, notes = search(explicit, models_dir, use_lora, strict=True, checkpoint=checkpoint)
     wanted = [c for c in COMPONENTS if c != "lora" or use_lora]
     missing = [c for c in wanted if found[c] is None]
     if missing:

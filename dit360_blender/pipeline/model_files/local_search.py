@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import BadParametersError, WeightsMissingError
@@ -52,10 +52,13 @@ def search(
     models_dir: Path | str | None,
     use_lora: bool,
     strict: bool,
+    checkpoint: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Path | None], dict[str, list[str]]]:
     """(found, notes): each component's path or None, and per component where it was looked for in vain.
 
-    ``strict`` makes an explicit path that does not exist an error instead of a note.
+    ``strict`` makes an explicit path that does not exist an error instead of a note. ``checkpoint``
+    is called before each component (a slow disk or a big cache makes the search take a while); an
+    exception it raises, e.g. to cancel, propagates unchanged.
     """
     explicit = dict(explicit or {})
     unknown = sorted(set(explicit) - set(COMPONENTS))
@@ -70,6 +73,8 @@ def search(
     for component in COMPONENTS:
         if component == "lora" and not use_lora:
             continue
+        if checkpoint is not None:
+            checkpoint()
         value = explicit.get(component)
         if value is not None and str(value).strip():
             found[component] = _explicit_path(component, value, strict, notes[component])
