@@ -365,6 +365,24 @@ def test_the_queue_is_bounded_and_a_cancel_stops_the_model_search(worker, tmp_pa
     alive(worker)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs a file that reads as EIO")
+def test_a_read_error_of_a_model_file_is_reported_as_one(worker, tmp_path):
+    """A real EIO: reading /proc/self/mem from offset 0 fails with errno 5, so the DiT360 adapter's
+    config linked to it is a model file the disk cannot read. It used to be "Could not write the
+    image files" (disk_write_failed), sending the user to check the output folder."""
+    models = tmp_path / "eio-models"
+    shutil.copytree(worker["models"], models, ignore=shutil.ignore_patterns("transformer", "vae"))
+    config = models / "DiT360" / "adapter_config.json"
+    config.unlink()
+    config.symlink_to("/proc/self/mem")
+    reply, _ = run_job(worker, "eio", tmp_path / "out", models={"models_dir": str(models)})
+    assert reply["type"] == "error" and reply["code"] == "bad_checkpoint", reply
+    assert "read" in reply["message"] and "Input/output error" in reply["message"]
+    assert "write" not in reply["message"] and "model files" in reply["hint"]
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    alive(worker)
+
+
 # -- item 8: secrets that can't be real ------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ class QueuedJob:
     submitted: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     step: int = 0  # sampling steps completed
+    stage: str = "loading"  # the progress stage it is in (it starts by finding and loading models)
     cancel_step: int | None = None  # steps completed when the cancel arrived
     started: float = 0.0
     sampling_started: float = 0.0

@@ -195,6 +195,7 @@ class JobRunner:
     # -- events ----------------------------------------------------------------------------------
 
     def _stage(self, job: QueuedJob, stage: str) -> None:
+        job.stage = stage
         if stage == "sampling":
             job.sampling_started = time.monotonic()
         self._progress(job, stage, eta=None)
@@ -262,7 +263,7 @@ class JobRunner:
 
     def _report(self, job: QueuedJob, exc: BaseException) -> tuple[dict, bool]:
         """The job's final `error` message and whether the worker must exit."""
-        code, text, hint, fatal = classify(exc, self.log_path)
+        code, text, hint, fatal = classify(exc, self.log_path, job.stage)
         details: dict = {}
         if code == "cancelled":
             text = f"Cancelled after {job.step} of {job.params['steps']} sampling steps."
@@ -285,8 +286,11 @@ _CUDA_HINT = (
 )
 
 
-def classify(exc: BaseException, log_path: Path | None = None) -> tuple[str, str, str, bool]:
-    """(code, message, hint, fatal) for a job failure. Fatal: the GPU context may be broken."""
+def classify(
+    exc: BaseException, log_path: Path | None = None, stage: str = "saving"
+) -> tuple[str, str, str, bool]:
+    """(code, message, hint, fatal) for a job failure. Fatal: the GPU context may be broken.
+    `stage`: the job's stage when it failed; an OSError before "saving" came from reading."""
     if isinstance(exc, Cancelled):
         return "cancelled", "The job was cancelled.", "", False
     if isinstance(exc, DiT360Error):
@@ -295,7 +299,10 @@ def classify(exc: BaseException, log_path: Path | None = None) -> tuple[str, str
     first = text.splitlines()[0][:500] if text else type(exc).__name__
     if _is_oom(exc):
         return "out_of_memory", f"Out of memory: {first}", _OOM_HINT, False
-    if isinstance(exc, OSError):  # writing the image files (the model files fail as DiT360Errors)
+    if isinstance(exc, OSError) and stage != "saving":  # the loaders word most read errors themselves
+        hint = "The disk reported an error reading the model files: check the drive, or copy them again."
+        return "bad_checkpoint", f"Could not read the model files: {first}", hint, False
+    if isinstance(exc, OSError):  # writing the image files
         hint = "Choose an output folder you can write to, with free disk space."
         return "disk_write_failed", f"Could not write the image files: {first}", hint, False
     if _is_gpu_failure(exc):
