@@ -21,6 +21,7 @@ fresh worker.
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import secrets
 import select
@@ -91,9 +92,10 @@ class Job:
         if unknown:
             raise TypeError(f"Job() got unknown parameter(s): {', '.join(unknown)}")
         self.params: dict[str, Any] = {**GENERATE_DEFAULTS, **params}
+        # Absolute here, against this process's working directory: the worker runs in its own.
         self.params["models"] = {
-            "models_dir": None if models_dir is None else str(models_dir),
-            "paths": {k: str(v) for k, v in (model_paths or {}).items()},
+            "models_dir": None if models_dir is None else _absolute(models_dir),
+            "paths": {k: _absolute(v) for k, v in (model_paths or {}).items()},
             "allow_download": allow_download,
         }
 
@@ -107,6 +109,11 @@ class Job:
         out = dict(self.params)
         out["output_dir"] = None if out["output_dir"] is None else str(out["output_dir"])
         return out
+
+
+def _absolute(path: str | Path) -> str:
+    text = os.path.expanduser(str(path))
+    return os.path.abspath(text) if text.strip() else text  # blank: "not set", as the table has it
 
 
 class WorkerClient:

@@ -401,6 +401,8 @@ def _check_models(models: Any) -> dict:
     models = {**MODELS_DEFAULTS, **models}
     if models["models_dir"] is not None and not isinstance(models["models_dir"], str):
         raise ParamError("models.models_dir must be a folder path or null.", "Pass a string.")
+    if models["models_dir"] is not None and models["models_dir"].strip():
+        models["models_dir"] = _absolute("models.models_dir", models["models_dir"])
     paths = models["paths"]
     if not isinstance(paths, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in paths.items()
@@ -412,9 +414,20 @@ def _check_models(models: Any) -> dict:
         raise ParamError("models.allow_download must be true or false.", "Pass a boolean.")
     return {
         "models_dir": models["models_dir"],
-        "paths": dict(paths),
+        "paths": {k: _absolute(f"models.paths.{k}", v) if v.strip() else v for k, v in paths.items()},
         "allow_download": models["allow_download"],
     }
+
+
+def _absolute(name: str, path: str) -> str:
+    """`path` with ~ expanded; refused unless absolute: the worker runs in a folder of its own, so a
+    relative path would be looked for there (the client's Job makes its paths absolute)."""
+    path = os.path.expanduser(path)
+    if "\0" in path or not os.path.isabs(path):
+        raise ParamError(
+            f"{name} {path!r:.200} is not an absolute path.", "Give the full path of the folder or file."
+        )
+    return path
 
 
 def _check_loras(items: list | tuple) -> tuple[dict, ...]:

@@ -86,6 +86,18 @@ def test_a_job_too_large_to_send_is_refused_at_submit_and_the_worker_serves_on(c
     assert os.path.exists(Path(next(iter(ended.values()))[0]["path"]))
 
 
+# -- item 8: a relative models folder ------------------------------------------------------------
+
+
+def test_a_relative_models_folder_is_the_callers_not_the_workers(client, job, tmp_path, monkeypatch):
+    """Relative to the script's working directory, as any path it passes: the worker runs in a
+    folder of its own and used to search there (weights_missing)."""
+    shutil.copytree(job().params["models"]["models_dir"], tmp_path / "rel-models")
+    monkeypatch.chdir(tmp_path)
+    result = client.run(job(models_dir="rel-models", filename="relative"), timeout=300)
+    assert result["metadata"]["prompt"] == PROMPT
+
+
 # -- item 6: a model file cut short under a loaded model ------------------------------------------
 
 

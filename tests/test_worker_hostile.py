@@ -383,6 +383,22 @@ def test_a_read_error_of_a_model_file_is_reported_as_one(worker, tmp_path):
     alive(worker)
 
 
+def test_a_relative_models_folder_is_refused_not_looked_for_in_the_workers_folder(worker, tmp_path):
+    """The worker runs in its log folder: a relative models_dir was searched there (here it would
+    find a copy planted next to its log). The client's Job sends absolute paths; the worker refuses others."""
+    shutil.copytree(
+        worker["models"], worker["logs"] / "planted", ignore=shutil.ignore_patterns("transformer", "vae")
+    )
+    for models in (
+        {"models_dir": "planted"},
+        {"paths": {"transformer": "planted/FLUX.1-dev/flux1-dev.safetensors"}},
+    ):
+        reply, _ = run_job(worker, "relative", tmp_path / "out", models=models)
+        assert reply["type"] == "error" and reply["code"] == "bad_parameters", reply
+        assert "not an absolute path" in reply["message"]
+    alive(worker)
+
+
 # -- item 8: secrets that can't be real ------------------------------------------------------------
 
 
