@@ -1,6 +1,8 @@
-"""The worker attacked as a hostile or unlucky local user would, over a real loopback socket: strings
-that have no UTF-8 form, a hello that is not even text, and one real worker that must keep serving
-real tiny jobs after each of them.
+"""The worker attacked as a hostile or unlucky local user would (issue 11), over a real loopback
+socket: slow senders from another process, strings with no UTF-8 form, a hello that is not text,
+heartbeats, a flood of queued jobs, a cancel during the model search, a disk read error, secrets
+that can't be real, names and sizes that must be refused, and a bounded protocol fuzz; after each,
+the one real worker must keep serving real tiny jobs.
 
 One worker serves the module (tests run in file order; the first authenticated connection owns it).
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -341,27 +344,38 @@ def test_the_queue_is_bounded_and_a_cancel_stops_the_model_search(worker, tmp_pa
     conn = worker["conn"]
     models = _blocking_models(worker, tmp_path)
     conn.send(raw_frame(message("generate", job_id="stuck", params=tiny_params(models, tmp_path / "out"))))
-    ids = [f"waiting-{i}" for i in range(MAX_QUEUED_JOBS + 1)]
-    big = "x" * 900_000  # each message close to the 1 MiB limit, as in the attack
-    for job_id in ids:
-        params = tiny_params(worker["models"], tmp_path / "out", prompt="p", models={"paths": {"vae": big}})
-        conn.send(raw_frame(message("generate", job_id=job_id, params=params)))
-    replies = {}
-    while len(replies) < len(ids) + 1:
-        msg = conn.recv(timeout=60)
-        if msg["type"] in ("queued", "error") and msg.get("job_id") in ("stuck", *ids):
-            replies[msg["job_id"]] = msg
-    assert [replies[i]["type"] for i in ids[:-1]] == ["queued"] * MAX_QUEUED_JOBS
-    assert replies[ids[-1]]["type"] == "error" and replies[ids[-1]]["code"] == "busy", replies[ids[-1]]
-    for job_id in ids[:-1]:
-        conn.send(message("cancel", job_id=job_id))
-        assert final(conn, job_id, timeout=30)[0]["code"] == "cancelled"
-    conn.send(message("cancel", job_id="stuck"))
-    still_served(conn)  # the cancel has been read
-    _unblock(models / "FLUX.1-dev" / "flux1-dev.safetensors")
-    reply, seen = final(conn, "stuck", timeout=60)
-    assert reply["type"] == "error" and reply["code"] == "cancelled", reply
-    assert not [m for m in seen if m["type"] == "progress" and m.get("job_id") == "stuck"]  # nothing loaded
+    fifo = models / "FLUX.1-dev" / "flux1-dev.safetensors"
+    try:
+        ids = [f"waiting-{i}" for i in range(MAX_QUEUED_JOBS + 1)]
+        big = "/" + "x" * 900_000  # each message close to the 1 MiB limit, as in the attack
+        for job_id in ids:
+            params = tiny_params(
+                worker["models"], tmp_path / "out", prompt="p", models={"paths": {"vae": big}}
+            )
+            conn.send(raw_frame(message("generate", job_id=job_id, params=params)))
+        replies = {}
+        while len(replies) < len(ids) + 1:
+            msg = conn.recv(timeout=60)
+            if msg["type"] in ("queued", "error") and msg.get("job_id") in ("stuck", *ids):
+                replies[msg["job_id"]] = msg
+        assert [replies[i]["type"] for i in ids[:-1]] == ["queued"] * MAX_QUEUED_JOBS
+        assert replies[ids[-1]]["type"] == "error" and replies[ids[-1]]["code"] == "busy", replies[ids[-1]]
+        for job_id in ids[:-1]:
+            conn.send(message("cancel", job_id=job_id))
+            assert final(conn, job_id, timeout=30)[0]["code"] == "cancelled"
+        conn.send(message("cancel", job_id="stuck"))
+        still_served(conn)  # the cancel has been read
+        _unblock(fifo)
+        reply, seen = final(conn, "stuck", timeout=60)
+        assert reply["type"] == "error" and reply["code"] == "cancelled", reply
+        assert not [
+            m for m in seen if m["type"] == "progress" and m.get("job_id") == "stuck"
+        ]  # nothing loaded
+    finally:  # never leave the worker's job thread waiting on the FIFO (the module's other tests)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
     alive(worker)
 
 
@@ -396,6 +410,123 @@ def test_a_relative_models_folder_is_refused_not_looked_for_in_the_workers_folde
         reply, _ = run_job(worker, "relative", tmp_path / "out", models=models)
         assert reply["type"] == "error" and reply["code"] == "bad_parameters", reply
         assert "not an absolute path" in reply["message"]
+    alive(worker)
+
+
+# -- the protocol fuzz test -------------------------------------------------------------------------
+
+# One of each JSON kind (and the strings that have no UTF-8 form), put into every field in turn.
+FUZZ_VALUES = [
+    None,
+    True,
+    0,
+    -(2**70),
+    1.5e308,
+    "\ud800",
+    "\udcff-x",
+    [],
+    [1, "a", None],
+    {"\ud800": {"b": []}},
+]
+
+
+def _fuzz_frames(rng: random.Random, out: Path) -> list[bytes]:
+    """Every JSON kind in every field of every client message and generate parameter, then random
+    byte mutations of valid frames. The generate jobs name a transformer that does not exist, so a
+    frame that happens to be valid ends at once with weights_missing instead of running."""
+    from dit360_blender.params import for_job
+
+    params = tiny_params(
+        Path("/nonexistent"), out, models={"paths": {"transformer": "/nonexistent/t.safetensors"}}
+    )
+    bases = {
+        "hello": message("hello", token="x" * 43, client="fuzz", heartbeat=1.0),
+        "generate": message("generate", job_id="fuzz-job", params=params),
+        "cancel": message("cancel", job_id="fuzz-job"),
+        "status": message("status"),
+        "ping": message("ping"),
+    }
+    variants = []
+    for base in bases.values():
+        for field in base:
+            variants += [{**base, field: value} for value in FUZZ_VALUES]
+    for p in for_job():
+        variants += [
+            {**bases["generate"], "params": {**params, p.name: v}} for v in rng.sample(FUZZ_VALUES, 5)
+        ]
+    variants += [{**bases["generate"], "params": {**params, "models": {"paths": v}}} for v in FUZZ_VALUES]
+    frames = []
+    for n, msg in enumerate(variants):
+        if msg.get("job_id") == "fuzz-job":
+            msg = {**msg, "job_id": f"fuzz-{n}"}
+        frames.append(raw_frame(msg))
+    valid = [raw_frame({**bases[k], **({"job_id": f"mut-{i}"} if "job_id" in bases[k] else {})})
+             for i, k in enumerate(rng.choices(list(bases), k=80))]  # fmt: skip
+    for data in valid:
+        data = bytearray(data[:-1])
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(data))
+            op = rng.randrange(4)
+            if op == 0:
+                data[i] = rng.randrange(256)
+            elif op == 1:
+                data.insert(i, rng.choice(b'{}[]",:\\\x00\xff\xc3'))
+            elif op == 2:
+                del data[i : i + rng.randint(1, 8)]
+            else:
+                data[i:i] = data[rng.randrange(len(data)) :][:16]
+        frames.append(bytes(data).replace(b"\n", b"") + b"\n")
+    return frames
+
+
+def test_protocol_fuzz_never_ends_the_worker_nor_changes_its_pixels(worker, tmp_path):
+    """A few hundred random and mutated frames, each followed by a barrier (a cancel of a unique
+    unknown job, answered in order); a real tiny job before, amid and after them must give the
+    same pixels, and every job the fuzz got queued ends exactly once."""
+    conn = worker["conn"]
+    rng = random.Random(1234)
+    frames = _fuzz_frames(rng, tmp_path / "fuzz-out")
+    assert 250 <= len(frames) <= 600, len(frames)
+
+    queued, ended = set(), {}
+
+    def note(msg: dict) -> None:
+        assert msg is not None, "the worker closed the connection"
+        if msg["type"] == "queued":
+            queued.add(msg["job_id"])
+        elif msg["type"] in FINAL_TYPES and msg.get("job_id"):
+            ended[msg["job_id"]] = ended.get(msg["job_id"], 0) + 1
+
+    def pixels(tag: str) -> bytes:
+        job_id = f"pixels-{tag}"
+        params = tiny_params(worker["models"], tmp_path / "base", filename="base")
+        conn.send(raw_frame(message("generate", job_id=job_id, params=params)))
+        while job_id not in ended:
+            note(conn.recv(timeout=180))
+        assert ended[job_id] == 1
+        with Image.open(tmp_path / "base" / "base.png") as im:
+            return im.tobytes()
+
+    baseline = pixels("before")
+    t0 = time.monotonic()
+    for n, frame in enumerate(frames):
+        conn.send(frame)
+        conn.send(message("cancel", job_id=f"barrier-{n}"))
+        while True:
+            msg = conn.recv(timeout=30)
+            assert msg is not None, f"the worker closed the connection after frame {n}: {frame[:200]!r}"
+            if msg["type"] == "error" and msg.get("details", {}).get("job_id") == f"barrier-{n}":
+                break
+            note(msg)
+        if n == len(frames) // 2:
+            assert pixels("amid") == baseline
+    fuzz_s = time.monotonic() - t0
+    deadline = time.monotonic() + 60
+    while queued - set(ended) and time.monotonic() < deadline:  # the last queued ones finish
+        note(conn.recv(timeout=30))
+    assert queued <= set(ended) and all(count == 1 for count in ended.values()), (queued - set(ended), ended)
+    assert pixels("after") == baseline
+    print(f"\n{len(frames)} fuzz frames in {fuzz_s:.1f} s, {len(queued)} of them queued a job")
     alive(worker)
 
 
