@@ -615,7 +615,14 @@ def step_panels(data: dict) -> None:
             cls.draw(fake, bpy.context)
         fake_prefs = type("Q", (), {})()
         prefs_obj = addon_prefs()
-        for name in ("python_source", "python_path", "models_source", "memory_mode", "show_files"):
+        for name in (
+            "python_source",
+            "python_path",
+            "models_source",
+            "memory_mode",
+            "show_files",
+            "hf_token",
+        ):
             setattr(fake_prefs, name, getattr(prefs_obj, name))
         fake_prefs.layout = _Layout(log)
         for method in ("_draw_dependencies", "_draw_models", "_draw_performance"):
