@@ -1,6 +1,7 @@
 """A hung worker in real Blender (the bpy module): the panel shows worker_unresponsive with its fix
-and a Stop Worker button, the World is the user's again and the next job runs on a fresh worker.
-One Blender process runs tests/blender/scenario_unresponsive.py."""
+and a Stop Worker button, the World is the user's again and the next job runs on a fresh worker; a
+token in the preferences that can't be real is not used. One Blender process runs
+tests/blender/scenario_unresponsive.py."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ pytestmark = [
 ]
 
 
-def test_a_hung_worker_is_shown_with_stop_worker_and_the_next_job_runs(tiny_models, tmp_path):
-    cfg = {
-        "zip": str(build_zip(tmp_path / "dist")),
-        "models": str(tiny_models["root"]),
-        "work": str(tmp_path),
-    }
-    results = run_scenario("scenario_unresponsive.py", cfg, "unresponsive", timeout=900)
-    record = results["hung_worker"]
+@pytest.fixture(scope="module")
+def unresponsive(tiny_models, tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("blender-unresponsive")
+    cfg = {"zip": str(build_zip(work / "dist")), "models": str(tiny_models["root"]), "work": str(work)}
+    return run_scenario("scenario_unresponsive.py", cfg, "unresponsive", timeout=900)
+
+
+def test_a_hung_worker_is_shown_with_stop_worker_and_the_next_job_runs(unresponsive):
+    record = unresponsive["hung_worker"]
     assert record["ok"], record["error"]
     d = record["data"]
     assert d["error"]["code"] == "worker_unresponsive" and "answered nothing for 4 s" in d["error"]["message"]
@@ -33,3 +35,13 @@ def test_a_hung_worker_is_shown_with_stop_worker_and_the_next_job_runs(tiny_mode
     assert d["world_unchanged"]
     assert d["old_worker_state"] in ("gone", "Z"), d["old_worker_state"]  # not "T" (stopped)
     assert d["next_error"] is None and d["next_pid_differs"]
+
+
+def test_a_token_that_cannot_be_real_is_not_used_and_the_preferences_say_why(unresponsive):
+    record = unresponsive["implausible_token"]
+    assert record["ok"], record["error"]
+    d = record["data"]
+    assert d["link_token"] == "" and d["real_token"] == "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+    assert any(label.startswith("label: Not used: A token is at least 8") for label in d["labels"]), d[
+        "labels"
+    ]

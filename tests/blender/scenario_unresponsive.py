@@ -1,5 +1,6 @@
 """A worker that hangs mid-job (SIGSTOP: alive, silent), in real Blender (bpy) with the tiny model:
 the panel says so with the fix and offers Stop Worker, the user's World is back, the next job runs.
+And a Hugging Face token in the preferences that can't be real is not used, with the reason shown.
 
     python tests/blender/scenario_unresponsive.py CONFIG.json   (CONFIG: see tests/test_blender_unresponsive.py)
 
@@ -64,6 +65,8 @@ class Layout:
         def call(*args, **kwargs):
             if name == "operator":
                 self._operators.append(args[0])
+            elif name == "label":
+                self._operators.append("label: " + kwargs.get("text", ""))
             return Layout(self._operators)
 
         return call
@@ -110,10 +113,25 @@ def step_hung_worker(data: dict) -> None:
     data["next_pid_differs"] = pump().link.client.worker_pid != pid
 
 
+def step_implausible_token(data: dict) -> None:
+    """A one-letter 'token' in the preferences: not used (it would be scrubbed out of every message),
+    and the Models box says why."""
+    prefs = harness.addon_prefs()
+    prefs.hf_token = "e"
+    data["link_token"] = pump().link.hf_token()
+    drawn: list = []
+    mod("prefs").DIT360_Preferences._draw_models(prefs, Layout(drawn), bpy.context.window_manager.dit360)
+    data["labels"] = [d for d in drawn if d.startswith("label: ")]
+    prefs.hf_token = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+    data["real_token"] = pump().link.hf_token()
+    prefs.hf_token = ""
+
+
 if __name__ == "__main__":
     steps.run("install", step_install)
     if steps.results["install"]["ok"]:
         steps.run("hung_worker", step_hung_worker)
+        steps.run("implausible_token", step_implausible_token)
     pump().link.shutdown()
     for fn in list(TIMERS.due):  # leave no timer behind: bpy 4.5 can hang at exit with one registered
         TIMERS.unregister(fn)
