@@ -26,3 +26,19 @@ def test_bench_tiny_smoke(tmp_path):
     assert worker["cold"]["worker_timings"]["load_s"] > worker["warm"]["worker_timings"]["load_s"]
     table = (out / "results.md").read_text()
     assert "| resident |" in table and "diffusers eager" in table and "| auto bf16 |" in table
+
+
+def test_bench_times_quantised_checkpoints_with_and_without_the_lora(tmp_path):
+    """Issue 12's measurement on tiny models: each quantised file loads through the normal paths, is
+    timed with DiT360's LoRA as the side path and without it, and the LoRA changes the output."""
+    out = tmp_path / "results"
+    assert main(["--tiny", "--out", str(out), "--work", str(tmp_path / "models"), "--repeats", "1",
+                 "--modes", "", "--jobs", "", "--no-diffusers",
+                 "--checkpoints", "fp8-scaled,gguf-q8_0,gguf-q4_k"]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())["checkpoints"]
+    for kind in ("fp8-scaled", "gguf-q8_0", "gguf-q4_k"):
+        record = results[kind]
+        assert record["lora"]["step_s"] > 0 and record["no lora"]["step_s"] > 0, record
+        assert record["lora_effect_rel"] > 1e-6, record  # the side path ran (0.0 without it)
+        assert record["side_path_cost_lora"] > 0
+    assert not list((tmp_path / "models" / "quantised").iterdir())  # each file removed after its runs

@@ -29,6 +29,7 @@ from ..pipeline.dit360 import DEFAULT_IMAGE_TOKENS, DiT360Pipeline, GenerateRequ
 from ..pipeline.fp8 import Fp8Linear
 from ..pipeline.model_files.download import resolve_model_paths
 from ..pipeline.sampling import image_ids, wrap_pad_ids
+from .checkpoints import KINDS, checkpoint_variants
 from .report import markdown_table
 from .synthetic import FULL, TINY, write_synthetic_models
 from .user_path import WORKER_VARIANTS, diffusers_compiled, worker_jobs
@@ -56,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time regional torch.compile in fp8 mode")
+    parser.add_argument(
+        "--compile-modes", default="fp8,resident,resident/fp16", help="the modes --compile times"
+    )
+    parser.add_argument(
+        "--checkpoints",
+        default="",
+        help=f"quantised transformer files to write and time with and without the LoRA ({', '.join(KINDS)})",
+    )
     parser.add_argument(
         "--cold-load", action="store_true", help="also measure cold load against raw file reads"
     )
@@ -113,12 +122,18 @@ class Bench:
                 traceback.print_exc()
                 self._save()
         if self.args.compile and self.cuda:
-            for mode in ("fp8", "resident", "resident/fp16"):
+            for mode in filter(None, (m.strip() for m in self.args.compile_modes.split(","))):
                 try:
                     self._compiled(mode)
                 except Exception as exc:
                     self.results["modes"][f"{mode}+compile"] = {"skipped": f"failed: {exc!r}"[:300]}
                     print(f"[{mode}+compile] FAILED {exc!r}", flush=True)
+        if self.args.checkpoints:
+            self.results["checkpoints"] = checkpoint_variants(
+                self.paths, [k.strip() for k in self.args.checkpoints.split(",") if k.strip()], work,
+                self.device, self._transformer_step, self.args.compile and self.cuda, _peak, _reset_peak, _free,
+            )  # fmt: skip
+            self._save()
         if self.args.cold_load:
             self._cold_load(work)
         self._worker_variants(work)
