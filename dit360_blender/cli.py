@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import params
+from . import cli_cubemap, params
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     seam = commands.add_parser("seam", help="score the 0°/360° wrap seam and the pole detail of a panorama")
     seam.add_argument("image", type=Path, help="an equirectangular image (PNG, JPEG, ...)")
     seam.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    cli_cubemap.add_parser(commands)
     return parser
 
 
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_generate(args)
     if args.command == "seam":
         return cmd_seam(args)
+    if args.command == "cubemap":
+        return cli_cubemap.run(args)
     return cmd_doctor(args)
 
 
