@@ -186,7 +186,8 @@ def _generate(args: argparse.Namespace, values: dict) -> int:
     )
     start = time.perf_counter()
     made = make_panorama(
-        pipe, request, out, hdr=values["hdr"], exr=values["exr"], sun_share=values["sun_share"],
+        pipe, request, out, hdr=values["hdr"], exr=values["exr"], cubemap=values["cubemap"],
+        sun_share=values["sun_share"],
         on_step=progress.step if progress else None,
         on_stage=(lambda s: _status(progress, s)) if progress else None,
     )  # fmt: skip

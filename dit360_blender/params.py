@@ -165,6 +165,17 @@ PARAMS: tuple[Param, ...] = (
         cli="--no-exr",
     ),
     Param(
+        "cubemap", "choice", "none", "Cube Map",
+        "Also write the panorama as a cube map beside it, as PNG and (with the EXR files) the HDR "
+        "environment as EXR; OpenGL/DirectX/Unity faces, Y up (README: Cube maps)",
+        choices=_choices(
+            ("none", "None", "no cube map"),
+            ("faces", "Faces", "six files <name>_cube_px, _nx, _py, _ny, _pz, _nz"),
+            ("cross", "Cross", "one 4x3 horizontal cross <name>_cube_cross"),
+        ),
+        cli="--cubemap",
+    ),
+    Param(
         "filename", "str", None, "File Name",
         "A plain file stem (letters, digits, spaces, '.', '-', '_'); default <prompt-slug>_<seed>",
         nullable=True,

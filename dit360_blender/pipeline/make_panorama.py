@@ -3,7 +3,9 @@
 Every panorama is written the same way, whoever asked for it: the PNG with the generation
 settings, the seam scores and the lighting analysis in its metadata, and (with `hdr`) the HDR
 environments `<stem>.hdr` and `<stem>_lighting.hdr` beside it, with `exr` also as half-float OpenEXR
-(`<stem>.exr`, `<stem>_lighting.exr`). Nothing half-written is left behind.
+(`<stem>.exr`, `<stem>_lighting.exr`), and with `cubemap` ("faces" or "cross") the cube map of the
+PNG (`<stem>_cube_px.png` ... or `<stem>_cube_cross.png`) and, with the EXRs, of the HDR environment
+(`<stem>_cube_px.exr` ...; panorama/cubemap.py). Nothing half-written is left behind.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 
 from .._version import __version__
 from ..panorama.analyze import analyze, write_lighting_files
+from ..panorama.cubemap import write_cubemap
 from .dit360 import DiT360Pipeline, GenerateRequest
 from .image_io import save_png
+from .output_files import CUBE_INFIX
 from .sampling import StepCallback
 
 
@@ -39,6 +43,7 @@ def make_panorama(
     *,
     hdr: bool = True,
     exr: bool = True,
+    cubemap: str = "none",
     sun_share: float = 0.6,
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
@@ -58,17 +63,17 @@ def make_panorama(
     if hdr:
         analysis, hdr_result = analyze(rgb, sun_share=sun_share)
         metadata.update(analysis)
-    path, files = _write_files(out, rgb, metadata, hdr_result, exr=exr)
+    path, files = _write_files(out, rgb, metadata, hdr_result, exr=exr, cubemap=cubemap)
     timings = {k: v for k, v in generation.timings.items() if k != "total_s"}
     timings["save_s"] = time.perf_counter() - t0
     return Panorama(path=path, files=files, metadata=metadata, timings=timings)
 
 
 def _write_files(
-    out: Path, rgb, metadata: dict, hdr_result, *, exr: bool = False
+    out: Path, rgb, metadata: dict, hdr_result, *, exr: bool = False, cubemap: str = "none"
 ) -> tuple[Path, dict[str, str]]:
-    """The PNG and the two HDRs (and their EXRs) written side by side (zlib and file I/O release the GIL); if any
-    fails, the others are removed again, so a job leaves all its files or none."""
+    """The PNG and the two HDRs (and their EXRs) written side by side (zlib and file I/O release the GIL),
+    then the cube maps; if any fails, the others are removed again, so a job leaves all its files or none."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-hdr") as pool:
         lighting = pool.submit(write_lighting_files, out, hdr_result, exr) if hdr_result is not None else None
         try:
@@ -83,4 +88,28 @@ def _write_files(
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+    if cubemap != "none":
+        try:
+            files.update(_write_cubemaps(path, rgb, hdr_result if exr else None, cubemap))
+        except BaseException:
+            for leftover in (path, *files.values()):
+                Path(leftover).unlink(missing_ok=True)
+            raise
     return path, files
+
+
+def _write_cubemaps(png: Path, rgb, hdr_result, layout: str) -> dict[str, str]:
+    """{"cube_png_<face>": path, ...} (and "cube_exr_<face>" of the HDR environment), <face> being
+    px ... nz or cross: the PNG's cube map, and the HDR's where EXRs are written."""
+    stem = png.stem + CUBE_INFIX
+    files = {}
+    try:
+        for fmt, image in (("png", rgb), ("exr", None if hdr_result is None else hdr_result.hdr)):
+            if image is not None:
+                for written in write_cubemap(image, png.parent, stem, fmt=fmt, layout=layout):
+                    files[f"cube_{fmt}_{written.stem[len(stem) + 1 :]}"] = str(written)
+    except BaseException:
+        for leftover in files.values():
+            Path(leftover).unlink(missing_ok=True)
+        raise
+    return files

@@ -12,6 +12,8 @@ from .errors import BadParametersError, OutputWriteError
 
 SLUG_MAX = 48
 LIGHTING_SUFFIX = "_lighting"  # <stem>_lighting.hdr/.exr: the sun-clamped twin written beside <stem>.png
+CUBE_INFIX = "_cube"  # <stem>_cube_px.png ... _cube_nz / _cube_cross: the cube maps beside <stem>.png
+_CUBE_NAME = re.compile(r"_cube_(?:px|nx|py|ny|pz|nz|cross)$", re.IGNORECASE)
 # DiT360's prompts conventionally start with this phrase; it says nothing about the picture.
 _PROMPT_PREFIX = re.compile(r"^\s*this is a panorama(?: image)?[\s.,:;!-]*", re.IGNORECASE)
 
@@ -32,7 +34,8 @@ def plan_output(output_dir: str | Path, prompt: str, seed: int, filename: str | 
     else ``<output_dir>/<slug>_<seed>.png`` with ``-2``, ``-3``... added so earlier results survive.
 
     Raises BadParametersError for any name that would land outside `output_dir`, and for a name
-    ending in ``_lighting`` (another job's lighting file: job ``x`` writes ``x_lighting.hdr``).
+    ending in ``_lighting`` (another job's lighting file: job ``x`` writes ``x_lighting.hdr``) or in
+    ``_cube_<face>`` (another job's cube face: ``x_cube_px.png``).
     """
     folder = Path(output_dir)
     if not folder.is_absolute():
@@ -47,6 +50,13 @@ def plan_output(output_dir: str | Path, prompt: str, seed: int, filename: str | 
             f"The file name {stem!r} ends in {LIGHTING_SUFFIX!r}, which names the lighting file of "
             f"{stem[: -len(LIGHTING_SUFFIX)]!r} (<name>{LIGHTING_SUFFIX}.hdr): it would overwrite it.",
             f"Choose a name that does not end in {LIGHTING_SUFFIX}.",
+        )
+    cube = _CUBE_NAME.search(stem)
+    if cube:
+        raise BadParametersError(
+            f"The file name {stem!r} ends in {cube.group(0)!r}, which names a cube-map face of "
+            f"{stem[: cube.start()]!r}: it would overwrite it.",
+            f"Choose a name that does not end in {cube.group(0)}.",
         )
     path = folder / f"{stem}.png"
     if filename is None:

@@ -177,7 +177,7 @@ class JobRunner:
         _stop_if_cancelled(job)
         pipe.use_vae_wrap(bool(p["vae_wrap"]))  # a decode setting: no reload when it changes
         made = make_panorama(
-            pipe, request, out, hdr=p["hdr"], exr=p["exr"], sun_share=float(p["sun_share"]),
+            pipe, request, out, hdr=p["hdr"], exr=p["exr"], cubemap=p["cubemap"], sun_share=float(p["sun_share"]),
             on_step=self._step_cb(job, self._previews(job)), should_cancel=job.cancel.is_set,
             on_stage=lambda s: self._stage(job, s),
         )  # fmt: skip
