@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,6 +42,8 @@ from .sphere import direction_from_uv, uv_from_pixel
 __all__ = [
     "MAX_HFOV",
     "GeometryError",
+    "PhotoProjection",
+    "ViewError",
     "camera_matrix",
     "check_hfov",
     "equirect_directions",
@@ -57,6 +60,7 @@ __all__ = [
 ]
 
 MAX_HFOV = 180.0
+ViewError = GeometryError  # the name this module's errors had first
 _ROW_BAND = 256  # panorama rows projected at once (bounds the float64 direction arrays)
 
 
@@ -264,17 +268,27 @@ def fit_photo(photo: np.ndarray, hfov: float, panorama_width: int) -> np.ndarray
     return area_resize(np.asarray(photo, dtype=np.float32), new_h, limit)
 
 
+class PhotoProjection(NamedTuple):
+    rgb: np.ndarray  # (H, W, C) float32: the photo where it lands, the photo's mean colour elsewhere
+    coverage: np.ndarray  # (H, W) float32: 1 where a pixel's centre falls on the photo, else 0
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The mask of the rest, to be generated: 1 - coverage."""
+        return 1.0 - self.coverage
+
+
 def photo_to_equirect(
     photo: np.ndarray, width: int, height: int, hfov: float, yaw: float = 0.0, pitch: float = 0.0,
     roll: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+) -> PhotoProjection:  # fmt: skip
     """Project a perspective photo (h, w, C) of horizontal field of view `hfov`, taken looking at
     (yaw, pitch) with `roll`, into a width x height panorama by inverse mapping: each panorama pixel
     centre's direction is followed into the photo and read there bilinearly (edge pixels extend half
     a pixel, the photo's own extent). A panorama pixel that lands on a photo pixel's centre gets that
     pixel's value exactly. Returns (rgb (H, W, C) float32: the photo where it lands, its mean colour
-    elsewhere; coverage (H, W) float32: 1 where a pixel's centre falls on the photo, else 0). The
-    mask to generate is 1 - coverage.
+    elsewhere; coverage (H, W) float32: 1 where a pixel's centre falls on the photo, else 0), a
+    named tuple whose `.mask` is the mask to generate, 1 - coverage.
 
     GeometryError: hfov outside (0, 180); a photo wider than `max_photo_width` (the panorama would lose
     its detail: `fit_photo` first, or make the panorama wider); a photo that covers no panorama pixel
@@ -320,7 +334,7 @@ def photo_to_equirect(
         raise GeometryError(
             "the photo covers the whole panorama: there is nothing left to generate", "check hfov"
         )
-    return rgb, coverage
+    return PhotoProjection(rgb, coverage)
 
 
 def _bilinear(pixels: np.ndarray, row: np.ndarray, col: np.ndarray) -> np.ndarray:
