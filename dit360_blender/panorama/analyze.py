@@ -14,6 +14,7 @@ import numpy as np
 
 from .exr import write_exr
 from .hdr import HdrResult, expand_to_hdr
+from .large import ANALYSIS_WIDTH, analysis_copy, expand_large
 from .rgbe import write_hdr_files
 from .seam import seam_score
 
@@ -22,10 +23,20 @@ def analyze(rgb: np.ndarray, sun_share: float = 0.6) -> tuple[dict, HdrResult]:
     """(metadata {"seam": …, "lighting": …}, the HDR result) for an (H, W, 3) uint8 panorama.
 
     The seam score and the HDR expansion are independent and numpy releases the GIL in their
-    array work, so they run side by side (this is on the critical path of every job)."""
+    array work, so they run side by side (this is on the critical path of every job). A panorama
+    wider than 2048 goes through panorama/large.py: the sun and the pole detail are measured on a
+    2048-wide copy, the seam statistics in bands of rows, and the HDR images are computed band by
+    band when written (`HdrResult.hdr`/`.lighting` are then `large.Environment`s), so a 16K
+    panorama is never held as float."""
+    rgb = np.asarray(rgb)
+    large = rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[1] > ANALYSIS_WIDTH
+    small = analysis_copy(rgb) if large else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-seam") as pool:
-        seam = pool.submit(seam_score, rgb)
-        hdr = expand_to_hdr(rgb, sun_share=sun_share)
+        seam = pool.submit(seam_score, rgb, pole_image=small)
+        if large:
+            hdr = expand_large(rgb, sun_share=sun_share, small=small)
+        else:
+            hdr = expand_to_hdr(rgb, sun_share=sun_share)
         return {"seam": seam.result().to_dict(), "lighting": hdr.to_dict()}, hdr
 
 

@@ -92,7 +92,7 @@ def sample_equirect(image: np.ndarray, directions: np.ndarray, *, linear: bool =
 
     Columns wrap, rows continue over the poles (module docstring). uint8/uint16 images give values
     in 0..1 (with `linear`, each gathered sample is decoded from sRGB first); float images are
-    sampled as they are (an HDR's linear values)."""
+    sampled as they are (an HDR's linear values), and so is a `large.Environment`'s."""
     height, width = image.shape[:2]
     x, y, z = directions[..., 0], directions[..., 1], directions[..., 2]
     # sphere.uv_from_direction in pixel units (row 0 = top, integer positions = pixel centres)
@@ -102,7 +102,14 @@ def sample_equirect(image: np.ndarray, directions: np.ndarray, *, linear: bool =
     c0 = np.floor(col).astype(np.int64)
     fr = (row - r0).astype(np.float32)[..., None]
     fc = (col - c0).astype(np.float32)[..., None]
-    decode = _decoder(image.dtype, linear)
+    if hasattr(image, "gather"):  # a large.Environment: computes the pixels it is asked for
+        fetch = image.gather
+    else:
+        decode = _decoder(image.dtype, linear)
+
+        def fetch(r, c):
+            return decode(image[r, c])
+
     out = None
     for dr, wr in ((0, 1.0 - fr), (1, fr)):
         r = r0 + dr
@@ -112,7 +119,7 @@ def sample_equirect(image: np.ndarray, directions: np.ndarray, *, linear: bool =
         shift = np.where(over, width // 2, 0)
         for dc, wc in ((0, 1.0 - fc), (1, fc)):
             c = np.mod(c0 + dc + shift, width)
-            term = decode(image[r, c]) * (wr * wc)
+            term = fetch(r, c) * (wr * wc)
             out = term if out is None else out + term
     return out
 
@@ -194,7 +201,7 @@ def write_cubemap(
     if size is not None and not 1 <= size <= 32768:
         raise ValueError(f"face size {size} is out of range: use 1 to 32768 pixels")
     n = size or default_face_size(image.shape[1])
-    is_float = np.issubdtype(image.dtype, np.floating)
+    is_float = np.issubdtype(image.dtype, np.floating)  # (a large.Environment's dtype is float32)
     writer = _exr_writer() if fmt == "exr" else _write_png
     encode = _png_encoder(is_float) if fmt == "png" else (lambda x: x)
     linear = fmt == "exr"

@@ -24,17 +24,21 @@ HALF_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def write_exr(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write a linear float image (H, W, 3) as a ZIP-compressed OpenEXR file, atomically: half float,
-    or float32 where a value exceeds half's range. Raises ValueError for a bad image, OSError when
+    """Write a linear float image (H, W, 3) (or a `large.Environment`) as a ZIP-compressed OpenEXR
+    file, atomically: half float, or float32 where a value exceeds half's range. Raises ValueError for a bad image, OSError when
     the file cannot be written (nothing is left behind)."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected (H, W, 3), got {image.shape}")
-    if not np.all(np.isfinite(image)):
-        raise ValueError("the image has NaN or infinite values")
-    dtype = np.float16 if float(image.max(initial=0.0)) <= HALF_MAX else np.float32
-    pixels = np.array(image, dtype=dtype, order="C")  # one copy, in the file's type
-    np.maximum(pixels, 0, out=pixels)  # negative light does not exist (RGBE writes it as 0 too)
+    if hasattr(image, "to_array"):  # a large.Environment: filled band by band in the file's type
+        dtype = np.float16 if image.upper_bound() <= HALF_MAX else np.float32
+        pixels = image.to_array(dtype)  # never negative, always finite
+    else:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected (H, W, 3), got {image.shape}")
+        if not np.all(np.isfinite(image)):
+            raise ValueError("the image has NaN or infinite values")
+        dtype = np.float16 if float(image.max(initial=0.0)) <= HALF_MAX else np.float32
+        pixels = np.array(image, dtype=dtype, order="C")  # one copy, in the file's type
+        np.maximum(pixels, 0, out=pixels)  # negative light does not exist (RGBE writes it as 0 too)
     header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,14 +27,19 @@ _TINY = 1e-32  # below this a pixel is stored as black (exponent 0)
 
 
 def write_hdr(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write a linear float image (H, W, 3) as a flat RGBE Radiance file, atomically."""
-    image = np.asarray(image, dtype=np.float64)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected (H, W, 3), got {image.shape}")
-    if not np.all(np.isfinite(image)):
-        raise ValueError("the image has NaN or infinite values")
-    height, width = image.shape[:2]
-    data = encode_rgbe(image)
+    """Write a linear float image (H, W, 3) as a flat RGBE Radiance file, atomically. `image` may
+    also be a `large.Environment` (anything with `bands()` and `shape`): encoded band by band."""
+    if hasattr(image, "bands"):
+        height, width = image.shape[:2]
+        chunks = (encode_rgbe(band) for _, _, band in image.bands())
+    else:
+        image = np.asarray(image, dtype=np.float64)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected (H, W, 3), got {image.shape}")
+        if not np.all(np.isfinite(image)):
+            raise ValueError("the image has NaN or infinite values")
+        height, width = image.shape[:2]
+        chunks = iter([encode_rgbe(image)])
     header = f"#?RADIANCE\nSOFTWARE=dit360_blender\nFORMAT=32-bit_rle_rgbe\n\n-Y {height} +X {width}\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +47,8 @@ def write_hdr(path: str | os.PathLike, image: np.ndarray) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header.encode("ascii"))
-            f.write(data.tobytes())
+            for data in chunks:
+                f.write(data.tobytes())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

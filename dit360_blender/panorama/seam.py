@@ -60,6 +60,11 @@ import numpy as np
 from .color import LUMA_709, to_unit_float
 from .sphere import row_solid_angles
 
+BAND_PIXELS = 2048 * 1024  # up to this size the statistics are taken in one pass
+# larger images (and panorama/large.py) go in bands of this many pixels: their float64 temporaries
+# stay ~6 MB each (small enough for malloc to reuse instead of mapping fresh pages every band)
+LARGE_BAND_PIXELS = 1 << 18
+
 __all__ = ["SeamReport", "column_offsets", "column_steps", "pole_detail", "seam_score"]
 
 MAD_TO_SIGMA = 1.4826  # MAD * this = standard deviation for normally distributed data
@@ -116,19 +121,22 @@ def seam_score(
     bands: int = 16,
     noise_floor: float = 0.5 / 255,
     z_threshold: float = SEAM_Z_THRESHOLD,
+    pole_image: np.ndarray | None = None,
 ) -> SeamReport:
     """Score the wrap seam and the pole detail of an equirectangular image (H, W, 3), uint8 or float 0..1.
 
     `bands`: row bands of the offset statistic; `noise_floor`: smallest meaningful step (0..1 units);
-    `z_threshold`: the outlier cut. See the module docstring.
+    `z_threshold`: the outlier cut. See the module docstring. `pole_image`: where to measure the pole
+    detail instead (a downsampled copy of a large panorama: the cube faces of a 16K image would be
+    4096 pixels square); the seam statistics are always measured on `image`, in bands of rows.
     """
-    img = to_unit_float(image)
-    height, width = img.shape[:2]
+    image = np.asarray(image)
+    height, width = image.shape[:2]
     if width < 8 or height < 4:
         raise ValueError(f"image too small for a seam score: {width}x{height}")
-    step = _wrap_stats(column_steps(img), noise_floor)
-    offset = _wrap_stats(column_offsets(img, bands), noise_floor)
-    poles = pole_detail(img)
+    step = _wrap_stats(column_steps(image), noise_floor)
+    offset = _wrap_stats(column_offsets(image, bands), noise_floor)
+    poles = pole_detail(image if pole_image is None else pole_image)
     return SeamReport(
         seam_z=step["z"],
         seam_percentile=step["percentile"],
@@ -149,31 +157,52 @@ def column_steps(image: np.ndarray) -> np.ndarray:
     """The *step* statistic at each of the W column boundaries: entry x is between column x and x+1,
     and the last entry (x = W-1) is the wrap between the last and the first column.
 
-    |difference| averaged over the channels, then over the rows weighted by solid angle.
+    |difference| averaged over the channels, then over the rows weighted by solid angle. Measured in
+    bands of rows (one band up to 2048x1024), so a 16K panorama is never copied whole into float.
     """
-    img = to_unit_float(image).astype(np.float64)
-    height, width = img.shape[:2]
-    diff = np.abs(np.roll(img, -1, axis=1) - img).mean(axis=2)  # (H, W): column x vs x+1 (mod W)
+    image = np.asarray(image)
+    height, width = image.shape[:2]
     weights = row_solid_angles(height, width)
-    return weights @ diff / weights.sum()
+    total = np.zeros(width)
+    for rows in row_bands(height, width):
+        img = to_unit_float(image[rows]).astype(np.float64)
+        diff = np.abs(np.roll(img, -1, axis=1) - img).mean(axis=2)  # column x vs x+1 (mod W)
+        total += weights[rows] @ diff
+    return total / weights.sum()
 
 
 def column_offsets(image: np.ndarray, bands: int = 16) -> np.ndarray:
     """The *offset* statistic at each column boundary (same indexing as `column_steps`).
 
     The signed difference averaged (solid-angle weighted) over each of `bands` bands of rows, made
-    absolute, averaged over the channels and over the bands weighted by their solid angle.
+    absolute, averaged over the channels and over the bands weighted by their solid angle. Summed
+    in chunks of rows like `column_steps`.
     """
-    img = to_unit_float(image).astype(np.float64)
-    height, width = img.shape[:2]
-    diff = np.roll(img, -1, axis=1) - img  # (H, W, C)
+    image = np.asarray(image)
+    height, width = image.shape[:2]
     weights = row_solid_angles(height, width)
     bands = max(1, min(bands, height))
     starts = np.arange(bands) * height // bands  # contiguous bands of rows
+    band_of_row = np.searchsorted(starts, np.arange(height), side="right") - 1
     band_weight = np.add.reduceat(weights, starts)
-    sums = np.add.reduceat(diff * weights[:, None, None], starts, axis=0)
+    sums = np.zeros((bands, width, 3))  # to_unit_float makes every image RGB
+    for rows in row_bands(height, width):
+        img = to_unit_float(image[rows]).astype(np.float64)
+        diff = np.roll(img, -1, axis=1) - img  # (rows, W, C)
+        ids = band_of_row[rows]
+        first = np.flatnonzero(np.diff(ids, prepend=-1))  # where each band starts in this chunk
+        sums[ids[first]] += np.add.reduceat(diff * weights[rows, None, None], first, axis=0)
     means = np.abs(sums / np.maximum(band_weight, 1e-30)[:, None, None]).mean(axis=2)  # (bands, W)
     return band_weight @ means / band_weight.sum()
+
+
+def row_bands(height: int, width: int, pixels: int | None = None) -> list[slice]:
+    """Contiguous slices of rows of about `pixels` pixels each; by default one slice up to 2048x1024
+    (so a generated panorama's numbers are those of one pass), else bands of LARGE_BAND_PIXELS."""
+    if pixels is None:
+        pixels = height * width if height * width <= BAND_PIXELS else LARGE_BAND_PIXELS
+    step = max(1, pixels // max(width, 1))
+    return [slice(start, min(height, start + step)) for start in range(0, height, step)]
 
 
 def pole_detail(image: np.ndarray, face_size: int | None = None) -> dict:
