@@ -213,6 +213,9 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 class DoubleStreamBlock(nn.Module):
     """Separate weights for the image and text streams, one joint attention over both."""
 
+    # The joint attention; sequence-parallel sampling sets its own on the instance (sequence_parallel.py)
+    attention_fn = staticmethod(attention)
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool) -> None:
         super().__init__()
         mlp_hidden = int(hidden_size * mlp_ratio)
@@ -252,7 +255,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe=pe)
+        attn = self.attention_fn(q, k, v, pe=pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -264,6 +267,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """One stream over cat(txt, img): attention and MLP in parallel from one fused input GEMM."""
+
+    attention_fn = staticmethod(attention)  # see DoubleStreamBlock
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -284,7 +289,7 @@ class SingleStreamBlock(nn.Module):
         )
         q, k, v = _split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe)
+        attn = self.attention_fn(q, k, v, pe=pe)
         return _clip_fp16(x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)))
 
 
