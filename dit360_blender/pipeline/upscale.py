@@ -42,6 +42,10 @@ class SuperResolution:
     module: torch.nn.Module
     scale: int
     margin: int
+    # Input sides must be a multiple of this (window-attention models: their window; pixel-unshuffle
+    # models: the unshuffle factor). Tiles, margins and tile origins are kept on this grid, so every
+    # tile sees the windows an untiled run would.
+    multiple_of: int = 1
 
 
 def extend_sphere(image: torch.Tensor, margin: int) -> torch.Tensor:
@@ -117,26 +121,36 @@ def upscale_pass(
     if tile < 1:
         raise ValueError(f"tile must be positive, got {tile}")
     _, height, width = image.shape
-    m, s = model.margin, model.scale
-    extended = extend_sphere(image.to(torch.float32).cpu(), m)
+    s, q = model.scale, max(1, model.multiple_of)
+    m = _round_up(model.margin, q)
+    th, tw = _round_up(min(tile, height), q), _round_up(min(tile, width), q)
+    rows, cols = _starts(height, th, q), _starts(width, tw, q)
+    # the last tiles may reach up to q - 1 pixels past the edge (origins stay on the grid): extend
+    # the sphere that much further, and offset every window by it
+    extra = max(rows[-1] + th - height, cols[-1] + tw - width, 0)
+    extended = extend_sphere(image.to(torch.float32).cpu(), m + extra)
     out = torch.empty((3, height * s, width * s), dtype=torch.float32)
-    rows, cols = _starts(height, tile), _starts(width, tile)
-    th, tw = min(tile, height), min(tile, width)
     module = model.module.to(device=device, dtype=dtype).eval()
     with torch.inference_mode():
         for i, (y, x) in enumerate((y, x) for y in rows for x in cols):
-            window = extended[:, y : y + th + 2 * m, x : x + tw + 2 * m]
+            window = extended[:, extra + y : extra + y + th + 2 * m, extra + x : extra + x + tw + 2 * m]
             result = module(window[None].to(device=device, dtype=dtype))[0]
-            core = result[:, m * s : (m + th) * s, m * s : (m + tw) * s]
-            out[:, y * s : (y + th) * s, x * s : (x + tw) * s] = core.to(device="cpu", dtype=torch.float32)
+            h, w = min(th, height - y), min(tw, width - x)
+            core = result[:, m * s : (m + h) * s, m * s : (m + w) * s]
+            out[:, y * s : (y + h) * s, x * s : (x + w) * s] = core.to(device="cpu", dtype=torch.float32)
             if on_tile is not None:
                 on_tile(i + 1, len(rows) * len(cols))
     return out.clamp_(0.0, 1.0)
 
 
-def _starts(size: int, tile: int) -> list[int]:
+def _starts(size: int, tile: int, grid: int = 1) -> list[int]:
     """Tile origins covering [0, size): every tile is the same size (the last one overlaps the one
-    before it instead of being smaller), so the model always sees one window shape."""
+    before it instead of being smaller), so the model always sees one window shape; origins are
+    multiples of `grid` (the last one rounded up, so it may reach past `size` by less than `grid`)."""
     if size <= tile:
         return [0]
-    return [*range(0, size - tile, tile), size - tile]
+    return [*range(0, size - tile, tile), _round_up(size - tile, grid)]
+
+
+def _round_up(value: int, grid: int) -> int:
+    return -(-value // grid) * grid
