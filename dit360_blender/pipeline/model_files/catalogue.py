@@ -162,6 +162,11 @@ def placement(components: Iterable[str], models_dir: Path | None) -> str:
     base = str(models_dir) if models_dir is not None else "<models folder>"
     lines = []
     for c in components:
+        if c == "upscale model":  # the default super-resolution model (sr_catalogue.py)
+            from .sr_catalogue import SR_DIR, SR_FILE, SR_URL
+
+            lines.append(f"    {os.path.join(base, SR_DIR, SR_FILE)}  <- {SR_URL}")
+            continue
         if c == "lora":
             lines.append(
                 f"    {os.path.join(base, LORA_DIR, 'adapter_model.safetensors')}  <- the LoRA .safetensors of "
