@@ -11,10 +11,11 @@ import platform
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cli_cubemap, params
+from . import cli_cubemap, cli_edit, cli_upscale, params
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -49,18 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     seam.add_argument("image", type=Path, help="an equirectangular image (PNG, JPEG, ...)")
     seam.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     cli_cubemap.add_parser(commands)
+    cli_edit.add_parser(commands)
+    cli_upscale.add_parser(commands)
     return parser
 
 
-def _add_param_args(parser: argparse.ArgumentParser) -> None:
-    """One option per parameter of the table that has a `cli` flag (names, defaults, choices, help)."""
-    for p in params.for_job(params.GENERATE):
+def _add_param_args(
+    parser: argparse.ArgumentParser, kind: str = params.GENERATE, flags: dict[str, str] | None = None
+) -> None:
+    """One option per parameter of job `kind` that has a `cli` flag (names, defaults, choices, help);
+    `flags` gives a parameter another flag in this command (a positional one becomes required)."""
+    for p in params.for_job(kind):
         if p.cli is None:
             continue
-        if p.cli == "":
-            parser.add_argument(p.name, help=p.help)
-        elif p.kind == "bool":  # a flag that turns the default off, e.g. --no-hdr
-            parser.add_argument(p.cli, dest=p.name, action="store_false", help=p.help)
+        if p.name in (flags or {}):
+            parser.add_argument(flags[p.name], dest=p.name, required=p.cli == "", help=p.help)
+        elif p.cli == "":
+            nargs = "?" if p.nullable else None  # e.g. an edit's source, which photo mode can do without
+            parser.add_argument(p.name, nargs=nargs, help=p.help)
+        elif p.kind == "bool":  # a flag that turns the default over, e.g. --no-hdr, --fit
+            action = "store_false" if p.default else "store_true"
+            parser.add_argument(p.cli, dest=p.name, action=action, help=p.help)
         elif p.kind == "loras":  # repeatable FILE[:STRENGTH]; `lora_items` makes the table's value
             limits = f" (strength {p.minimum:g} to {p.maximum:g}, default 1)"
             parser.add_argument(
@@ -98,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_seam(args)
     if args.command == "cubemap":
         return cli_cubemap.run(args)
+    if args.command == "edit":
+        return cli_edit.run(args)
+    if args.command == "upscale":
+        return cli_upscale.run(args)
     return cmd_doctor(args)
 
 
@@ -106,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline.errors import BadParametersError, DiT360Error
+    from .pipeline.errors import BadParametersError
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     try:
@@ -115,10 +129,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except params.ParamError as exc:
         _print_error(exc)
         return EXIT_BAD_INPUT
-    try:
+
+    def work() -> int:
         if args.out is not None and args.out.suffix.lower() != ".png":
             raise BadParametersError(f"--out {args.out} must end in .png.", "Give a .png file name.")
         return _generate(args, values)
+
+    return reporting(work)
+
+
+def reporting(work: Callable[[], int]) -> int:
+    """`work()`'s exit code, or the code of its failure after printing it with its fix (nothing of
+    a failed job is left written: the pipeline's writers remove what they began)."""
+    from .pipeline.errors import DiT360Error
+
+    try:
+        return work()
     except DiT360Error as exc:
         _print_error(exc)
         return EXIT_BAD_INPUT if exc.code == "bad_parameters" else EXIT_FAILED
@@ -148,14 +174,13 @@ def lora_items(options: list[str] | None) -> list[dict]:
     return items
 
 
-def _cli_params() -> list[params.Param]:
-    return [p for p in params.for_job(params.GENERATE) if p.cli is not None]
+def _cli_params(kind: str = params.GENERATE) -> list[params.Param]:
+    return [p for p in params.for_job(kind) if p.cli is not None]
 
 
 def _generate(args: argparse.Namespace, values: dict) -> int:
-    from .pipeline.dit360 import DiT360Pipeline, GenerateRequest
+    from .pipeline.dit360 import GenerateRequest
     from .pipeline.make_panorama import make_panorama
-    from .pipeline.model_files.download import resolve_model_paths
     from .pipeline.output_files import plan_output
 
     values = params.apply_speed(values)
@@ -165,6 +190,31 @@ def _generate(args: argparse.Namespace, values: dict) -> int:
     )  # fmt: skip
     out = args.out or plan_output(Path.cwd(), values["prompt"], values["seed"])
     progress = None if args.quiet else _Progress()
+    pipe = load_pipeline(args, values, progress)
+    start = time.perf_counter()
+    made = make_panorama(
+        pipe, request, out, hdr=values["hdr"], exr=values["exr"], cubemap=values["cubemap"],
+        sun_share=values["sun_share"], on_step=progress.step if progress else None,
+        on_stage=(lambda s: _status(progress, s)) if progress else None,
+    )  # fmt: skip
+    print(f"wrote {_written(made)} (seed {values['seed']}, {time.perf_counter() - start:.1f} s{_seam(made)})")
+    return 0
+
+
+def _written(made) -> str:
+    return ", ".join(str(f) for f in (made.path, *made.files.values()))
+
+
+def _seam(made) -> str:
+    seam = made.metadata.get("seam", {})
+    return f", seam z {seam['seam_z']:.1f}" if "seam_z" in seam else ""
+
+
+def load_pipeline(args: argparse.Namespace, values: dict, progress: _Progress | None):
+    """The models the command's options name, loaded (a `DiT360Pipeline`)."""
+    from .pipeline.dit360 import DiT360Pipeline
+    from .pipeline.model_files.download import resolve_model_paths
+
     paths = resolve_model_paths(
         explicit=_explicit_paths(args),
         models_dir=args.models_dir,
@@ -173,7 +223,10 @@ def _generate(args: argparse.Namespace, values: dict) -> int:
         use_lora=not args.no_lora,
     )
     _status(progress, f"loading models ({values['device']}, {values['dtype']})")
-    pipe = DiT360Pipeline.load(
+    from .worker.ranks import parallel_pipeline_class, rank_devices  # cuda:0,1,...: worker/ranks.py
+
+    load = parallel_pipeline_class().load if rank_devices(values["device"]) else DiT360Pipeline.load
+    pipe = load(
         paths,
         device=values["device"],
         dtype=values["dtype"],
@@ -184,19 +237,7 @@ def _generate(args: argparse.Namespace, values: dict) -> int:
         vae_wrap=values["vae_wrap"],
         loras=[(item["path"], item["strength"]) for item in values["loras"]],
     )
-    start = time.perf_counter()
-    made = make_panorama(
-        pipe, request, out, hdr=values["hdr"], exr=values["exr"], cubemap=values["cubemap"],
-        sun_share=values["sun_share"],
-        on_step=progress.step if progress else None,
-        on_stage=(lambda s: _status(progress, s)) if progress else None,
-    )  # fmt: skip
-    seam = made.metadata.get("seam", {})
-    summary = f", seam z {seam['seam_z']:.1f}" if "seam_z" in seam else ""
-    written = [str(made.path), *made.files.values()]
-    seconds = time.perf_counter() - start
-    print(f"wrote {', '.join(written)} (seed {values['seed']}, {seconds:.1f} s{summary})")
-    return 0
+    return pipe
 
 
 def _explicit_paths(args: argparse.Namespace) -> dict:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import default_work_dir, private_dir, worker_env
-from .params import defaults
+from .params import BY_NAME, GENERATE, JOB_KINDS, defaults
 from .protocol import (
     FINAL_TYPES,
     HEARTBEAT_MISSES,
@@ -46,7 +46,7 @@ from .protocol import (
     WORKER_MESSAGES,
     FrameDecoder,
     ProtocolError,
-    check_generate_params,
+    check_job_params,
     decode,
     encode,
     error,
@@ -66,6 +66,7 @@ from .worker_process import (
 )
 
 GENERATE_DEFAULTS = defaults()
+KIND_DEFAULTS = {kind: defaults(kind) for kind in JOB_KINDS}
 
 __all__ = ["Job", "JobError", "WorkerClient", "WorkerError"]
 
@@ -75,23 +76,33 @@ class JobError(WorkerError):
 
 
 class Job:
-    """The parameters of one panorama: any `generate` parameter of the table in `params.py`, by name
-    (defaults from the table), plus where the models are (`models_dir`, `model_paths`,
-    `allow_download`). Read them as attributes (`job.steps`) or `params`."""
+    """The parameters of one job of `kind` (a `params.JOB_KINDS` name: "generate", "edit", ...):
+    any parameter of the table in `params.py` that the kind takes, by name (defaults from the
+    table), plus where the models are (`models_dir`, `model_paths`, `allow_download`). Read them as
+    attributes (`job.steps`) or `params`. Input files (the table's `path` parameters, e.g. an edit's
+    source and mask) are made absolute here, like the model paths."""
 
     def __init__(
         self,
         *,
+        kind: str = GENERATE,
         models_dir: str | Path | None = None,
         model_paths: Mapping[str, str | Path] | None = None,
         allow_download: bool = False,
         **params: Any,
     ) -> None:
+        if kind not in KIND_DEFAULTS:
+            raise TypeError(f"Job() got unknown kind {kind!r}; known: {', '.join(JOB_KINDS)}")
+        known = KIND_DEFAULTS[kind]
         # `models` is built from the three keywords above, not passed whole
-        unknown = sorted(name for name in params if name not in GENERATE_DEFAULTS or name == "models")
+        unknown = sorted(name for name in params if name not in known or name == "models")
         if unknown:
-            raise TypeError(f"Job() got unknown parameter(s): {', '.join(unknown)}")
-        self.params: dict[str, Any] = {**GENERATE_DEFAULTS, **params}
+            raise TypeError(f"Job() got unknown parameter(s) for a {kind} job: {', '.join(unknown)}")
+        self.kind = kind
+        self.params: dict[str, Any] = {**known, **params}
+        for name, value in params.items():
+            if BY_NAME[name].kind == "path" and value is not None:
+                self.params[name] = _absolute(value)
         # Absolute here, against this process's working directory: the worker runs in its own.
         self.params["models"] = {
             "models_dir": None if models_dir is None else _absolute(models_dir),
@@ -189,14 +200,23 @@ class WorkerClient:
                 return dict(self._worker.ready)
             raise self._start_error or WorkerError("worker_start_failed", "The worker did not start in time.")
 
-    def submit(self, job: Job | Mapping[str, Any]) -> str:
-        """Queue a job and return its id at once. Raises ProtocolError (a ValueError, code
-        bad_parameters) for parameters of the wrong type or unknown names, or message_too_large."""
-        params = check_generate_params(job.to_params() if isinstance(job, Job) else dict(job))
+    def submit(self, job: Job | Mapping[str, Any], kind: str | None = None) -> str:
+        """Queue a job and return its id at once: a `Job` (of its kind), or a dict of parameters
+        of `kind` (default "generate"). Raises ProtocolError (a ValueError, code bad_parameters)
+        for parameters of the wrong type or unknown names, or message_too_large."""
+        if isinstance(job, Job):
+            if kind is not None and kind != job.kind:
+                raise ValueError(f"submit(kind={kind!r}) of a {job.kind} Job")
+            kind, params = job.kind, job.to_params()
+        else:
+            kind, params = kind or GENERATE, dict(job)
+        if kind not in JOB_KINDS:
+            raise ValueError(f"unknown job kind {kind!r}; known: {', '.join(JOB_KINDS)}")
+        params = check_job_params(kind, params)
         job_id = uuid.uuid4().hex[:16]
         # Encoded now: a job that cannot be sent is refused here, and the outbox holds only frames
         # that can be, so no job can stop the starter thread and the jobs queued behind it.
-        frame = encode(message("generate", job_id=job_id, params=params))
+        frame = encode(message(kind, job_id=job_id, params=params))
         with self._lock:
             w = self._worker
             if w is None:
@@ -223,13 +243,14 @@ class WorkerClient:
         job: Job | Mapping[str, Any],
         on_event: Callable[[dict], None] | None = None,
         timeout: float | None = None,
+        kind: str | None = None,
     ) -> dict:
         """Submit and block until the job's `result` (returned). Raises JobError for its `error`.
 
         `on_event` sees this job's events and job-less ones (ready, log); events of other jobs are
         kept for `poll()`. On timeout or KeyboardInterrupt the job is cancelled before re-raising.
         """
-        job_id = self.submit(job)
+        job_id = self.submit(job, kind)
         deadline = None if timeout is None else time.monotonic() + timeout
         others: list[dict] = []
         try:

@@ -23,6 +23,7 @@ INT32_MAX = 2**31 - 1
 MAX_LORAS = 16  # more is a mistake: each one adds its update to the weights
 MAX_PROMPT_CHARS = 4000  # T5 reads 512 tokens; anything much longer is a mistake, not a prompt
 SIZE_MULTIPLE = 16  # one transformer token covers 16x16 pixels
+SIZE_WIDTHS = {"4k": 4096, "8k": 8192, "16k": 16384}  # the `size` choices' widths (native: as generated)
 
 
 class ParamError(ValueError):
@@ -44,9 +45,11 @@ class Choice:
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter. `kind`: str | int | float | bool | choice | object | loras.
+    """One parameter. `kind`: str | int | float | bool | choice | object | loras | path.
 
-    `loras` is a list of {path, strength}; `minimum`/`maximum` bound each strength."""
+    `loras` is a list of {path, strength}; `minimum`/`maximum` bound each strength. `path`: an input
+    file of the job (absolute; the client's Job makes it so; the worker reads every one of them in
+    one place, pipeline/edit_inputs.py)."""
 
     name: str
     kind: str
@@ -85,62 +88,75 @@ def _choices(*items: tuple[str, str, str]) -> tuple[Choice, ...]:
 
 
 GENERATE = "generate"
+EDIT = "edit"
+UPSCALE = "upscale"
+# Every job kind: each is a message type of its own on the wire (protocol.py), with its own runner in
+# the worker (worker/jobs.py: JOB_KINDS_RUN); a parameter says in `jobs` which kinds take it.
+JOB_KINDS: tuple[str, ...] = (GENERATE, EDIT, UPSCALE)
+SAMPLING_JOBS = frozenset({GENERATE, EDIT})  # the kinds that run the diffusion model
+EDIT_JOB = frozenset({EDIT})
+# upscale (issue 15): the super-resolution of a panorama (and an optional refine pass with the
+# diffusion model); generate takes the same size/refine settings to upscale what it made
+UPSCALE_SHARED = SAMPLING_JOBS | {UPSCALE}
+RESOLUTION_JOBS = frozenset({GENERATE, UPSCALE})
+MASK_KINDS = ("mask", "view", "photo", "seam")
 
 PARAMS: tuple[Param, ...] = (
     Param(
         "prompt", "str", None, "Prompt",
         "What the 360° world shows. DiT360 was trained on prompts starting with 'This is a panorama image.'",
-        required=True, cli="", blender="scene",
+        required=True, cli="", blender="scene", jobs=SAMPLING_JOBS,
     ),
     Param(
         "output_dir", "str", None, "Output Folder",
         "Where the images are written (an absolute folder path)",
-        required=True, blender="scene",
+        required=True, blender="scene", jobs=UPSCALE_SHARED,
     ),
     Param(
         "seed", "int", 0, "Seed", "The same seed and settings give the same world on any device",
-        minimum=0, maximum=2**63 - 1, cli="--seed", blender="scene",
+        minimum=0, maximum=2**63 - 1, cli="--seed", blender="scene", jobs=UPSCALE_SHARED,
     ),
     Param(
         "steps", "int", 28, "Steps", "Sampling steps (DiT360: 28)",
-        minimum=1, maximum=1000, soft_max=60, cli="--steps", blender="scene",
+        minimum=1, maximum=1000, soft_max=60, cli="--steps", blender="scene", jobs=UPSCALE_SHARED,
     ),
     Param(
         "guidance", "float", 2.8, "Guidance", "Embedded guidance (DiT360: 2.8)",
-        minimum=0.0, maximum=20.0, soft_max=10.0, cli="--guidance", blender="scene",
+        minimum=0.0, maximum=20.0, soft_max=10.0, cli="--guidance", blender="scene", jobs=UPSCALE_SHARED,
     ),
     Param(
         "width", "int", 2048, "Width", "Twice the height, a multiple of 16 (DiT360: 2048)",
         minimum=2 * SIZE_MULTIPLE, maximum=8192, multiple_of=SIZE_MULTIPLE, unit="px",
-        cli="--width", blender="scene",
+        cli="--width", blender="scene", jobs=SAMPLING_JOBS,
     ),
     Param(
         "height", "int", 1024, "Height", "Half the width, a multiple of 16 (DiT360: 1024)",
         minimum=SIZE_MULTIPLE, maximum=4096, multiple_of=SIZE_MULTIPLE, unit="px",
-        cli="--height", blender="scene",
+        cli="--height", blender="scene", jobs=SAMPLING_JOBS,
     ),
     Param(
         "lora_strength", "float", 1.0, "LoRA Strength",
         "How strongly the DiT360 panorama LoRA applies (1.0 as trained, 0 = plain FLUX.1-dev)",
         minimum=-4.0, maximum=4.0, soft_min=0.0, soft_max=2.0, cli="--lora-strength", blender="scene",
+        jobs=SAMPLING_JOBS,
     ),
     Param(
         "loras", "loras", (), "Extra LoRAs",
         "Your own FLUX LoRAs on top of DiT360 (kohya, BFL/ComfyUI or diffusers .safetensors), "
         "each with a strength; on the command line FILE[:STRENGTH], repeatable",
-        minimum=-4.0, maximum=4.0, cli="--lora-extra",
+        minimum=-4.0, maximum=4.0, cli="--lora-extra", jobs=SAMPLING_JOBS,
     ),
     Param(
         "sun_share", "float", 0.6, "Sun Share",
         "The share of the HDR environment's light that a detected sun gets (it is brightened to it, "
         "never darkened); 0: the sun as bright as the image shows it",
-        minimum=0.0, maximum=0.95, cli="--sun-share", blender="scene",
+        minimum=0.0, maximum=0.95, cli="--sun-share", blender="scene", jobs=UPSCALE_SHARED,
     ),
     Param(
         "step_cache", "float", 0.0, "Step Cache",
         "Skip the transformer's later blocks on steps where its first block changes less than this "
         "(relative; First-Block Cache): faster, slightly different images; 0 = off, 0.05-0.15 typical",
-        minimum=0.0, maximum=1.0, cli="--step-cache",
+        minimum=0.0, maximum=1.0, cli="--step-cache", jobs=SAMPLING_JOBS,
     ),
     Param(
         "speed", "choice", "faithful", "Speed",
@@ -151,18 +167,18 @@ PARAMS: tuple[Param, ...] = (
             ("fast", "Fast", "fp8 transformer weights and matmuls; the image differs slightly"),
             ("fastest", "Fastest", "Fast plus the step cache: about half the transformer evaluations"),
         ),
-        cli="--speed", blender="scene",
+        cli="--speed", blender="scene", jobs=SAMPLING_JOBS,
     ),
     Param(
         "hdr", "bool", True, "HDR Files",
         "Also write <name>.hdr and <name>_lighting.hdr (the sun clamped) beside the PNG",
-        cli="--no-hdr",
+        cli="--no-hdr", jobs=UPSCALE_SHARED,
     ),
     Param(
         "exr", "bool", True, "EXR Files",
         "Also write the HDR environments as half-float OpenEXR (<name>.exr, <name>_lighting.exr, ZIP) "
         "beside the .hdr files; Blender's World uses them when present",
-        cli="--no-exr",
+        cli="--no-exr", jobs=UPSCALE_SHARED,
     ),
     Param(
         "cubemap", "choice", "none", "Cube Map",
@@ -173,12 +189,49 @@ PARAMS: tuple[Param, ...] = (
             ("faces", "Faces", "six files <name>_cube_px, _nx, _py, _ny, _pz, _nz"),
             ("cross", "Cross", "one 4x3 horizontal cross <name>_cube_cross"),
         ),
-        cli="--cubemap",
+        cli="--cubemap", jobs=UPSCALE_SHARED,
+    ),
+    Param(
+        "size", "choice", "native", "Resolution",
+        "Width of the finished panorama: as generated, or upscaled (learned super-resolution, "
+        "seamless across the wrap) to 4096, 8192 or 16384 pixels",
+        choices=_choices(
+            ("native", "2K (native)", "as generated (DiT360: 2048x1024)"),
+            ("4k", "4K", "upscaled to 4096x2048"),
+            ("8k", "8K", "upscaled to 8192x4096"),
+            ("16k", "16K", "upscaled to 16384x8192"),
+        ),
+        cli="--size", blender="scene", jobs=RESOLUTION_JOBS,
+    ),
+    Param(
+        "refine", "bool", False, "Refine",
+        "After upscaling, a FLUX.1-dev detail pass over the upscaled panorama in overlapping tiles "
+        "(real detail instead of smooth super-resolution; slower)",
+        cli="--refine", blender="scene", jobs=RESOLUTION_JOBS,
+    ),
+    Param(
+        "refine_strength", "float", 0.3, "Refine Strength",
+        "How much the detail pass may change the upscaled image (img2img strength)",
+        minimum=0.0, maximum=1.0, soft_min=0.2, soft_max=0.4, cli="--strength", blender="scene",
+        jobs=RESOLUTION_JOBS,
+    ),
+    Param(
+        "upscale_model", "path", None, "Upscale Model",
+        "The super-resolution model file (any spandrel-supported .pth/.safetensors: ESRGAN, Real-ESRGAN, "
+        "SwinIR, HAT, DAT, ...); none: Real-ESRGAN x4plus (BSD-3-Clause), found in the models folder or "
+        "the Hugging Face cache, downloaded once when downloads are allowed",
+        nullable=True, cli="--model", jobs=RESOLUTION_JOBS,
+    ),
+    Param(
+        "upscale_tile", "int", None, "Upscale Tile",
+        "Input pixels per side of one super-resolution tile (none: the largest the device's free memory "
+        "holds on CUDA, 256 elsewhere); smaller tiles need less memory, the result is the same",
+        minimum=32, maximum=4096, unit="px", nullable=True, cli="--tile", jobs=RESOLUTION_JOBS,
     ),
     Param(
         "filename", "str", None, "File Name",
         "A plain file stem (letters, digits, spaces, '.', '-', '_'); default <prompt-slug>_<seed>",
-        nullable=True,
+        nullable=True, jobs=UPSCALE_SHARED,
     ),
     Param(
         "device", "choice", "auto", "Device", "Where the model runs",
@@ -188,7 +241,15 @@ PARAMS: tuple[Param, ...] = (
             ("mps", "MPS", "Apple Silicon GPU"),
             ("cpu", "CPU", "Very slow at full size"),
         ),
-        pattern=r"cuda:\d{1,2}", cli="--device", blender="prefs",
+        # cuda:N one GPU; cuda:0,1,2,3 one panorama over several GPUs; cpu:N N processes on the
+        # CPU (gloo; for tests) - worker/ranks.py
+        pattern=r"cuda:\d{1,2}(,\d{1,2}){0,15}|cpu:\d{1,2}", cli="--device", blender="prefs", jobs=UPSCALE_SHARED,
+    ),
+    Param(
+        "gpus", "str", "", "GPUs",
+        "Spread one panorama over these CUDA GPUs, e.g. 0,1,2,3 (each holds the whole model; FLUX's "
+        "24 heads divide over 2, 3, 4, 6 or 8); empty: the Device setting alone",
+        pattern=r"(\d{1,2}(,\d{1,2}){0,15})?", blender="prefs", jobs=SAMPLING_JOBS,
     ),
     Param(
         "dtype", "choice", "auto", "Precision", "Number format of the model",
@@ -198,7 +259,7 @@ PARAMS: tuple[Param, ...] = (
             ("fp16", "fp16", "DiT360's own precision, with the reference's overflow clamps"),
             ("fp32", "fp32", "Most memory; for CPU"),
         ),
-        cli="--dtype", blender="prefs",
+        cli="--dtype", blender="prefs", jobs=UPSCALE_SHARED,
     ),
     Param(
         "memory_mode", "choice", "auto", "Memory Mode", "How the 12B transformer is held in VRAM",
@@ -208,35 +269,106 @@ PARAMS: tuple[Param, ...] = (
             ("fp8", "fp8", "Transformer weights in fp8 (about half the VRAM, <= 16 GB)"),
             ("stream", "Stream", "Stream transformer blocks from RAM (fits a VRAM budget, slower)"),
         ),
-        cli="--memory-mode", blender="prefs",
+        cli="--memory-mode", blender="prefs", jobs=SAMPLING_JOBS,
     ),
     Param(
         "vram_budget_gib", "float", None, "VRAM Budget",
         "For Stream: how much VRAM to use (none / 0: what is free)",
         minimum=0.5, maximum=4096.0, unit="GiB", nullable=True, cli="--vram-budget", blender="prefs",
+        jobs=UPSCALE_SHARED,
     ),
     Param(
         "compile", "choice", "auto", "Compile",
         "torch.compile the transformer blocks (~20 s once, then faster steps; auto: CUDA with Triton, "
         "not in the stream mode)",
         choices=_choices(("auto", "Auto", ""), ("on", "On", ""), ("off", "Off", "")),
-        cli="--compile",
+        cli="--compile", jobs=SAMPLING_JOBS,
     ),
     Param(
         "vae_wrap", "bool", True, "Wrap-Around Decode",
         "Decode with the image's left and right edges joined, so the 0°/360° seam can't show "
         "(off: DiT360's own decode, its exact output)",
-        cli="--no-vae-wrap", blender="prefs",
+        cli="--no-vae-wrap", blender="prefs", jobs=SAMPLING_JOBS,
     ),
     Param(
         "preview_every", "int", 1, "Preview Every N Steps",
         "Show the world while it is generated (0: no previews)",
-        minimum=0, maximum=100, blender="prefs",
+        minimum=0, maximum=100, blender="prefs", jobs=SAMPLING_JOBS,
     ),
     Param(
         "models", "object", None, "Models",
         "Where the model files are: {models_dir, paths {component: path}, allow_download}",
-        nullable=True,
+        nullable=True, jobs=UPSCALE_SHARED,
+    ),
+    # -- edit (issue 14): a source panorama, a mask that says where to regenerate, how strongly --
+    Param(
+        "source", "path", None, "Source",
+        "The equirectangular panorama to edit: an 8-bit PNG or JPEG, 2:1, a multiple of 16 pixels "
+        "(photo mode: optional, the panorama the photo is placed in; else one of width x height); "
+        "for an upscale: the 2:1 PNG or JPEG to upscale",
+        nullable=True, cli="", jobs=EDIT_JOB | {UPSCALE},
+    ),
+    Param(
+        "mask_kind", "choice", "mask", "Mask",
+        "What says where the edit regenerates",
+        choices=_choices(
+            ("mask", "Mask Image", "a mask image (white: regenerate; grey: soft), e.g. one painted in Blender"),
+            ("view", "View", "what a camera sees: yaw, pitch, hfov, aspect, roll"),
+            ("photo", "Photo", "a perspective photo placed on the sphere; everything else is outpainted"),
+            ("seam", "Seam", "a band over the 0°/360° seam, repaired in place"),
+        ),
+        jobs=EDIT_JOB,
+    ),
+    Param(
+        "mask", "path", None, "Mask Image",
+        "The mask image: white regenerates, black keeps the source, grey is in between; any 2:1 size "
+        "(resized to the source's)",
+        nullable=True, cli="--mask", jobs=EDIT_JOB,
+    ),
+    Param(
+        "strength", "float", 1.0, "Strength",
+        "How much of the sampling is run again inside the mask: 1 new content, lower keeps more of "
+        "the source's shapes and colours",
+        minimum=0.01, maximum=1.0, cli="--strength", jobs=EDIT_JOB,
+    ),
+    Param(
+        "feather", "float", 2.0, "Feather",
+        "The mask's edge is softened over this angle on the sphere",
+        minimum=0.0, maximum=45.0, unit="deg", cli="--feather", jobs=EDIT_JOB,
+    ),
+    Param(
+        "yaw", "float", 0.0, "Yaw", "View or photo direction: degrees around the vertical axis",
+        minimum=-360.0, maximum=360.0, unit="deg", cli="--yaw", jobs=EDIT_JOB,
+    ),
+    Param(
+        "pitch", "float", 0.0, "Pitch", "View or photo direction: degrees above the horizon",
+        minimum=-90.0, maximum=90.0, unit="deg", cli="--pitch", jobs=EDIT_JOB,
+    ),
+    Param(
+        "roll", "float", 0.0, "Roll", "View or photo: the camera's roll about its viewing axis",
+        minimum=-180.0, maximum=180.0, unit="deg", jobs=EDIT_JOB,
+    ),
+    Param(
+        "hfov", "float", None, "Horizontal FOV",
+        "The camera's or photo's horizontal field of view (photo: none = from its EXIF focal length)",
+        minimum=0.1, maximum=179.9, unit="deg", nullable=True, cli="--hfov", jobs=EDIT_JOB,
+    ),
+    Param(
+        "aspect", "float", 16 / 9, "Aspect", "View: the camera frame's width over its height",
+        minimum=0.1, maximum=10.0, jobs=EDIT_JOB,
+    ),
+    Param(
+        "photo", "path", None, "Photo", "Photo mode: the perspective photo to extend into a 360° world",
+        nullable=True, cli="--photo", jobs=EDIT_JOB,
+    ),
+    Param(
+        "fit", "bool", False, "Fit Photo",
+        "Photo mode: scale a photo down to the detail the panorama can hold, instead of refusing it",
+        cli="--fit", jobs=EDIT_JOB,
+    ),
+    Param(
+        "band", "float", 10.0, "Seam Band", "Seam mode: the width of the band repaired over the seam",
+        minimum=0.5, maximum=90.0, unit="deg", cli="--band", jobs=EDIT_JOB,
     ),
 )  # fmt: skip
 
@@ -274,6 +406,8 @@ def defaults(job: str = GENERATE) -> dict[str, Any]:
 def check_params(values: Mapping[str, Any], job: str = GENERATE) -> dict:
     """All of a job's parameters: unknown names refused, defaults filled, every value checked;
     returns a new dict (file names normalised, `models` completed). Raises ParamError."""
+    if job not in JOB_KINDS:
+        raise ValueError(f"unknown job kind {job!r}: add it to params.JOB_KINDS")
     if not isinstance(values, Mapping):
         raise ParamError("The job parameters must be an object.", "Pass a dict of parameters.")
     known = for_job(job)
@@ -286,7 +420,9 @@ def check_params(values: Mapping[str, Any], job: str = GENERATE) -> dict:
     for p in known:
         if p.required and out[p.name] is None:
             raise ParamError(f"The parameter {p.name!r} is required.", _REQUIRED_HINTS[p.name])
-    return check_values(out)
+    out = check_values(out)
+    rules = _KIND_RULES.get(job)
+    return rules(out) if rules is not None else out
 
 
 def check_values(values: Mapping[str, Any]) -> dict:
@@ -320,6 +456,10 @@ def _check_one(p: Param, value: Any) -> Any:
     special = _SPECIAL.get(p.name)
     if special is not None:
         return special(value)
+    if p.kind == "path":
+        return _absolute(p.name, value)
+    if p.kind == "str" and p.pattern is not None and not re.fullmatch(p.pattern, value.strip()):
+        raise ParamError(f"{p.label} {value!r:.80} is not understood.", f"{p.help}.")
     if p.kind == "choice" and value not in p.choice_values:
         if p.pattern is None or not re.fullmatch(p.pattern, value):
             raise ParamError(
@@ -335,7 +475,7 @@ def _type_ok(p: Param, value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if p.kind == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if p.kind in ("str", "choice"):
+    if p.kind in ("str", "choice", "path"):
         return isinstance(value, str)
     if p.kind == "bool":
         return isinstance(value, bool)
@@ -351,6 +491,7 @@ def _kind_text(p: Param) -> str:
         "bool": "true or false",
         "object": "an object",
         "loras": "a list of {path, strength}",
+        "path": "an absolute file path",
     }
     return text.get(p.kind, "a string") + (" or null" if p.nullable else "")
 
@@ -481,3 +622,44 @@ _SPECIAL = {
     "filename": _check_stem,
     "loras": _check_loras,
 }
+
+
+def _check_edit_rules(values: dict) -> dict:
+    """What an edit of each mask kind needs besides the single values (checked by check_params)."""
+    kind = values["mask_kind"]
+    needs = {"mask": ("source", "mask"), "view": ("source", "hfov"), "seam": ("source",), "photo": ("photo",)}
+    for name in needs[kind]:
+        if values[name] is None:
+            raise ParamError(f"A {kind!r} edit needs the parameter {name!r}.", _EDIT_HINTS[name])
+    if kind == "photo" and values["strength"] != 1.0:
+        raise ParamError(
+            f"A photo edit outpaints everything but the photo, at strength 1 (got {values['strength']}).",
+            "Leave the strength at 1.0 for photo edits.",
+        )
+    return values
+
+
+_EDIT_HINTS = {
+    "source": "Give the panorama to edit (an absolute path of a 2:1 image).",
+    "mask": "Give a mask image (white = regenerate), or choose another mask kind.",
+    "hfov": "Give the camera's horizontal field of view in degrees (more than 0, less than 180).",
+    "photo": "Give the photo to extend (an absolute path).",
+}
+
+
+def _check_upscale_rules(values: dict) -> dict:
+    """An upscale needs its source panorama and a size above native."""
+    if values["source"] is None:
+        raise ParamError(
+            "An upscale needs the parameter 'source'.",
+            "Give the panorama to upscale (an absolute path of a 2:1 PNG or JPEG).",
+        )
+    if values["size"] == "native":
+        raise ParamError(
+            "An upscale to size 'native' would change nothing.",
+            f"Choose one of {', '.join(SIZE_WIDTHS)}.",
+        )
+    return values
+
+
+_KIND_RULES = {EDIT: _check_edit_rules, UPSCALE: _check_upscale_rules}

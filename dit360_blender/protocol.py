@@ -25,7 +25,12 @@ hello      token, [client], [heartbeat]     must be the first message; a wrong t
                                             else first) gets an ``error`` and the connection closes;
                                             ``heartbeat``: the client pings at least every so many
                                             seconds (see Heartbeats)
-generate   job_id, params                   queue a job (``params``: the table in ``params.py``)
+generate   job_id, params                   queue a job (``params``: the table in ``params.py``);
+edit                                        every job kind of ``params.JOB_KINDS`` is a message type
+                                            of its own with these two fields, its params checked
+                                            by ``check_job_params(kind, params)``; each kind has the
+                                            same events (queued … result / error)
+upscale                                     (the third kind: issue 15)
 cancel     job_id                           stop the running job between two sampling steps, or
                                             drop it from the queue
 status     –                                ask for a ``status`` reply
@@ -67,6 +72,37 @@ a long job doesn't delay it. A side that hears nothing at all from the other for
 ends the worker's unfinished jobs with ``worker_unresponsive`` and kills it (the next job starts a
 fresh one); the worker treats a client that promised heartbeats and went silent as gone and exits.
 
+Remote workers (``python -m dit360_blender.worker --serve``)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A serving worker is reached through an SSH tunnel; it shares no file system with its client, so
+files travel in these messages, as chunks of at most ``CHUNK_BYTES`` (base64 in ``data``, each with
+the ``sha256`` of its bytes; a whole file's ``sha256`` is declared up front). It keeps each job's
+files in a folder of its own and its final event for ``RESULT_KEEP_S`` / ``RESULT_KEEP_BYTES``, so a
+client whose connection dropped asks for the job again instead of running it again.
+
+============ ======================================= ============================================
+type         fields                                  meaning
+============ ======================================= ============================================
+upload_begin upload_id, name, size, sha256           client → worker: an input file follows
+                                                     (at most ``MAX_UPLOAD_BYTES``)
+upload_chunk upload_id, offset, data, sha256         client → worker: the next bytes, in order
+uploaded     upload_id, size                         worker → client: complete, checksum right
+(job kinds)  + [uploads]                             ``{param: upload_id}``: the worker reads that
+                                                     input parameter (a ``path``) from the upload
+fetch        job_id                                  client → worker: the job's final event again
+                                                     (a result lists ``remote_files``), or
+                                                     ``queued`` while it waits or runs (its later
+                                                     events follow); ``unknown_job`` if gone
+fetch_chunk  job_id, name, offset                    client → worker: bytes of a result file
+chunk        job_id, name, offset, size, data,       worker → client: the reply (``size``: the
+             sha256                                  whole file's)
+release      job_id                                  client → worker: the files arrived; delete them
+============ ======================================= ============================================
+
+A serving worker's ``result`` carries ``remote_files``: ``[{name, size, sha256}]``, the job's files
+(``path`` and ``files`` name them in the worker's folder). A bad upload is refused with ``bad_upload``
+(``details.upload_id``); the connection and the other jobs go on.
+
 A job ends with exactly one ``result`` or ``error`` carrying its ``job_id``. A cancelled job ends
 with ``error`` code ``cancelled`` (no separate event type: one "job ended badly" path for clients);
 its ``details`` hold ``step`` (steps completed) and ``cancel_step`` (steps completed when the worker
@@ -96,7 +132,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .params import GENERATE, ParamError, check_params
+from .params import GENERATE, JOB_KINDS, ParamError, check_params
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB per line: a 512x256 preview PNG in base64 is at most ~530 KB
@@ -123,6 +159,7 @@ PROTOCOL_ERRORS = (
     "not_authenticated",  # something other than hello first
     "busy",  # another client owns this worker, or MAX_QUEUED_JOBS jobs wait already (job_id set)
     "unknown_job",  # cancel for a job the worker does not have (it may have just finished)
+    "bad_upload",  # an upload too large, out of order, with a wrong checksum, or unknown (details.upload_id)
 )
 JOB_ERRORS = (
     "bad_parameters",
@@ -134,6 +171,7 @@ JOB_ERRORS = (
     "out_of_memory",
     "cuda_error",
     "device_unavailable",
+    "rank_failed",  # a process of a multi-GPU group died or failed (worker/ranks.py); the next job restarts it
     "disk_write_failed",
     "cancelled",
     "internal",
@@ -143,10 +181,22 @@ CLIENT_ERRORS = (
     "worker_start_failed",  # no worker: its Python is missing or broken, or it did not answer
     "worker_unresponsive",  # the worker's process lives but answered no ping for HEARTBEAT_TIMEOUT_S
     "apply_failed",  # Blender could not apply a finished result (the image is gone)
+    "remote_unreachable",  # the remote worker or its SSH tunnel could not be reached (the cause said)
+    "transfer_failed",  # a file could not be moved over the connection intact (checksum, disk)
 )
 ERROR_CODES = PROTOCOL_ERRORS + JOB_ERRORS + CLIENT_ERRORS
 
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID_FIELDS = ("job_id", "upload_id")  # both follow _JOB_ID_RE
+
+# Remote workers: files over the socket (see "Remote workers" above)
+SERVE_PORT = 7860  # a serving worker's loopback port unless --port says otherwise
+CHUNK_BYTES = 256 * 1024  # raw bytes a chunk carries: ~350 KB of base64, a third of a frame
+MAX_UPLOAD_BYTES = 512 << 20  # one input file (a 16K x 8K PNG is ~400 MB at worst)
+MAX_UPLOADS_BYTES = 2 << 30  # all uploads a serving worker holds at once
+MAX_FILE_NAME = 200  # characters of a transferred file's name (no folders in it)
+RESULT_KEEP_S = 6 * 3600.0  # a finished job's files wait this long for their client
+RESULT_KEEP_BYTES = 8 << 30  # and the finished jobs' files together stay under this
 
 
 class ProtocolError(ValueError):
@@ -170,11 +220,29 @@ _S, _I, _N, _B, _D, _L, _0 = "str", "int", "num", "bool", "dict", "list", "null"
 
 CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
     "hello": {"token": ((_S,), True), "client": ((_S,), False), "heartbeat": ((_N,), False)},
-    "generate": {"job_id": ((_S,), True), "params": ((_D,), True)},
+    **{
+        kind: {"job_id": ((_S,), True), "params": ((_D,), True), "uploads": ((_D,), False)}
+        for kind in JOB_KINDS
+    },
     "cancel": {"job_id": ((_S,), True)},
     "status": {},
     "ping": {},
     "shutdown": {},
+    "upload_begin": {
+        "upload_id": ((_S,), True),
+        "name": ((_S,), True),
+        "size": ((_I,), True),
+        "sha256": ((_S,), True),
+    },
+    "upload_chunk": {
+        "upload_id": ((_S,), True),
+        "offset": ((_I,), True),
+        "data": ((_S,), True),
+        "sha256": ((_S,), True),
+    },
+    "fetch": {"job_id": ((_S,), True)},
+    "fetch_chunk": {"job_id": ((_S,), True), "name": ((_S,), True), "offset": ((_I,), True)},
+    "release": {"job_id": ((_S,), True)},
 }
 
 WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
@@ -216,6 +284,7 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
         "timings": ((_D,), True),
         "model_cached": ((_B,), True),
         "files": ((_D,), False),  # {"hdr", "lighting"[, "hdr_exr", "lighting_exr"]: path} with HDR files
+        "remote_files": ((_L,), False),  # a serving worker's: [{name, size, sha256}] (Remote workers)
     },
     "error": {
         "job_id": ((_S, _0), True),
@@ -235,6 +304,15 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
         "rss_bytes": ((_I, _0), True),
     },
     "pong": {},
+    "chunk": {
+        "job_id": ((_S,), True),
+        "name": ((_S,), True),
+        "offset": ((_I,), True),
+        "size": ((_I,), True),
+        "data": ((_S,), True),
+        "sha256": ((_S,), True),
+    },
+    "uploaded": {"upload_id": ((_S,), True), "size": ((_I,), True)},
 }
 
 FINAL_TYPES = ("result", "error")  # a job's last event is one of these (with its job_id)
@@ -396,11 +474,13 @@ def _check_fields(type_: str, msg: dict, schema: Mapping[str, tuple]) -> None:
             raise ProtocolError(
                 "bad_message", f"{type_}: field {name!r} must be {' or '.join(kinds)}, got {msg[name]!r:.80}."
             )
-    job_id = msg.get("job_id")
-    if "job_id" in schema and job_id is not None and not _JOB_ID_RE.match(job_id):
-        raise ProtocolError(
-            "bad_message", f"{type_}: job_id must be 1-64 letters, digits, '-' or '_', got {job_id!r:.80}."
-        )
+    for field in _ID_FIELDS:
+        value = msg.get(field)
+        if field in schema and value is not None and not _JOB_ID_RE.match(value):
+            raise ProtocolError(
+                "bad_message",
+                f"{type_}: {field} must be 1-64 letters, digits, '-' or '_', got {value!r:.80}.",
+            )
 
 
 def _kind_ok(value: Any, kind: str) -> bool:
@@ -467,15 +547,21 @@ def _check_one_shape(value: Any, schema: Any, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# generate parameters: the table in params.py owns names, defaults and limits
+# job parameters (every kind): the table in params.py owns names, defaults and limits
 
 
-def check_generate_params(params: Mapping[str, Any]) -> dict:
-    """`generate` params checked against the parameter table, defaults filled; returns a new dict.
+def check_job_params(kind: str, params: Mapping[str, Any]) -> dict:
+    """The params of a job of `kind` (one of ``params.JOB_KINDS``) checked against the parameter
+    table, defaults filled; returns a new dict.
 
     Raises ProtocolError with code ``bad_parameters`` (the message and the fix from the table).
     """
     try:
-        return check_params(params, GENERATE)
+        return check_params(params, kind)
     except ParamError as exc:
         raise ProtocolError("bad_parameters", exc.message, exc.hint) from None
+
+
+def check_generate_params(params: Mapping[str, Any]) -> dict:
+    """`check_job_params` for a `generate` job."""
+    return check_job_params(GENERATE, params)

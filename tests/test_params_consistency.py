@@ -38,8 +38,8 @@ def test_cli_option_matches_the_table(name):
         assert action.option_strings == []
         return
     assert action.option_strings == [p.cli]
-    if p.kind == "bool":
-        assert isinstance(action, argparse._StoreFalseAction) and p.default is True
+    if p.kind == "bool":  # the flag turns the default over
+        assert isinstance(action, argparse._StoreFalseAction if p.default else argparse._StoreTrueAction)
         return
     if p.kind == "loras":  # repeatable; cli.lora_items turns the strings into the table's value
         assert isinstance(action, argparse._AppendAction) and action.default is None
@@ -268,3 +268,126 @@ def test_blender_lora_list_matches_the_table_and_reaches_the_job(blender_props):
         {"path": "/loras/subject.safetensors", "strength": 1.0},
     ]
     assert check_generate_params({**BASE, "loras": loras})["loras"]  # what the protocol accepts
+
+
+# -- job kinds (issue 14): every kind's parameters through the protocol and the client --------------
+
+EDIT_BASE = {**BASE, "source": "/pano/source.png", "mask": "/pano/mask.png"}
+# the least parameters of a valid job of each kind: a new kind adds its own here
+KIND_BASE = {
+    params.GENERATE: BASE,
+    params.EDIT: EDIT_BASE,
+    params.UPSCALE: {"output_dir": str(ROOT), "source": "/pano/source.png", "size": "4k"},
+}
+
+
+def test_every_kind_is_a_message_and_every_param_names_known_kinds():
+    from dit360_blender.protocol import CLIENT_MESSAGES
+
+    for kind in params.JOB_KINDS:
+        assert CLIENT_MESSAGES[kind] == CLIENT_MESSAGES["generate"], kind
+    for p in params.PARAMS:
+        assert p.jobs and p.jobs <= set(params.JOB_KINDS), p.name
+    assert set(KIND_BASE) == set(params.JOB_KINDS)
+    # the model and device settings are shared: a kind that samples takes all of them
+    shared = {
+        "seed",
+        "steps",
+        "guidance",
+        "lora_strength",
+        "loras",
+        "memory_mode",
+        "device",
+        "dtype",
+        "models",
+    }
+    assert shared <= {p.name for p in params.for_job(params.EDIT)}
+    only_edit = {"source", "mask", "mask_kind", "strength", "feather"}
+    assert only_edit <= {p.name for p in params.for_job(params.EDIT)}
+    assert not only_edit & {p.name for p in params.for_job(params.GENERATE)}
+
+
+@pytest.mark.parametrize("kind", params.JOB_KINDS)
+def test_protocol_fills_each_kinds_table_defaults_and_refuses_other_kinds_names(kind):
+    from dit360_blender.protocol import check_job_params
+
+    filled = check_job_params(kind, KIND_BASE[kind])
+    assert set(filled) == {p.name for p in params.for_job(kind)}
+    for p in params.for_job(kind):
+        if p.name not in KIND_BASE[kind]:
+            expected = params.MODELS_DEFAULTS if p.name == "models" else p.default
+            assert filled[p.name] == expected, p.name
+    foreign = [p.name for p in params.PARAMS if kind not in p.jobs] + ["not_a_parameter"]
+    for name in foreign:
+        with pytest.raises(ProtocolError) as info:
+            check_job_params(kind, {**KIND_BASE[kind], name: None})
+        assert info.value.code == "bad_parameters" and name in info.value.message
+
+
+# width/height keep their 2:1 rule; their limits are the generate test's (the same declaration)
+EDIT_NUMBERS = [p.name for p in params.for_job(params.EDIT) if p.kind in ("int", "float")]
+
+
+@pytest.mark.parametrize("name", [n for n in EDIT_NUMBERS if n not in ("width", "height")])
+def test_edit_protocol_accepts_the_limits_and_refuses_beyond(name):
+    from dit360_blender.protocol import check_job_params
+
+    p = params.BY_NAME[name]
+    step = 1 if p.kind == "int" else 1e-6
+    for value, ok in (
+        (p.minimum, True),
+        (p.maximum, True),
+        (p.minimum - step, False),
+        (p.maximum + step, False),
+    ):
+        if ok:
+            check_job_params(params.EDIT, {**EDIT_BASE, name: value})
+        else:
+            with pytest.raises(ProtocolError) as info:
+                check_job_params(params.EDIT, {**EDIT_BASE, name: value})
+            assert info.value.code == "bad_parameters" and info.value.hint
+
+
+def test_edit_rules_per_mask_kind():
+    from dit360_blender.protocol import check_job_params
+
+    ok = {
+        "mask": EDIT_BASE,
+        "view": {**BASE, "source": "/s.png", "mask_kind": "view", "hfov": 60.0},
+        "seam": {**BASE, "source": "/s.png", "mask_kind": "seam"},
+        "photo": {**BASE, "mask_kind": "photo", "photo": "/p.jpg"},
+    }
+    assert set(ok) == set(params.MASK_KINDS) == set(params.BY_NAME["mask_kind"].choice_values)
+    for kind, values in ok.items():
+        assert check_job_params(params.EDIT, values)["mask_kind"] == kind
+    bad = (
+        ({**BASE, "mask": "/m.png"}, "source"),  # no source
+        ({**BASE, "source": "/s.png"}, "mask"),  # mask kind without its mask
+        ({**BASE, "source": "/s.png", "mask_kind": "view"}, "hfov"),
+        ({**BASE, "mask_kind": "photo"}, "photo"),
+        ({**BASE, "mask_kind": "photo", "photo": "/p.jpg", "strength": 0.5}, "strength 1"),
+        ({**EDIT_BASE, "source": "relative/source.png"}, "absolute"),
+        ({**EDIT_BASE, "hfov": 180.0}, "hfov"),
+        ({**EDIT_BASE, "hfov": 0.0}, "hfov"),
+    )
+    for values, words in bad:
+        with pytest.raises(ProtocolError) as info:
+            check_job_params(params.EDIT, values)
+        assert info.value.code == "bad_parameters" and info.value.hint
+        assert words in info.value.message, info.value.message
+
+
+def test_client_job_of_each_kind(tmp_path, monkeypatch):
+    for kind in params.JOB_KINDS:
+        job = Job(kind=kind, **KIND_BASE[kind])
+        assert job.kind == kind
+        for p in params.for_job(kind):
+            if p.name != "models" and p.name not in KIND_BASE[kind]:
+                assert getattr(job, p.name) == p.default, p.name
+    with pytest.raises(TypeError, match="strength"):
+        Job(**BASE, strength=0.5)  # an edit parameter in a generate job
+    with pytest.raises(TypeError, match="kind"):
+        Job(kind="no-such-kind", **BASE)
+    monkeypatch.chdir(tmp_path)
+    job = Job(kind=params.EDIT, **{**BASE, "source": "src.png", "mask": "sub/mask.png"})
+    assert job.source == str(tmp_path / "src.png") and job.mask == str(tmp_path / "sub" / "mask.png")

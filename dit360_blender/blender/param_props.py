@@ -8,7 +8,7 @@ from typing import Any
 
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
-from ..params import BY_NAME, PARAMS, Param
+from ..params import BY_NAME, GENERATE, PARAMS, Param
 
 
 def param_property(param: str, /, **overrides: Any) -> Any:
@@ -51,12 +51,15 @@ _MAKERS = {
 }
 
 
-def scene_job_values(settings: Any, overrides: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The job parameters the panel holds (`blender="scene"` in the table), with `overrides` (from
-    the operator or the scripting API; None = not given) winning; enum identifiers → table values."""
+def scene_job_values(
+    settings: Any, overrides: dict[str, Any], skip: tuple[str, ...] = (), job: str = GENERATE
+) -> dict[str, Any]:
+    """The parameters of a `job` kind the panel holds (`blender="scene"` in the table), with
+    `overrides` (from the operator or the scripting API; None = not given) winning; enum
+    identifiers → table values."""
     values = {}
     for p in PARAMS:
-        if p.blender != "scene" or p.name in skip:
+        if p.blender != "scene" or p.name in skip or job not in p.jobs:
             continue
         value = overrides.get(p.name)
         if value is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from .._version import __version__
 from ..panorama.analyze import analyze, write_lighting_files
 from ..panorama.cubemap import write_cubemap
-from .dit360 import DiT360Pipeline, GenerateRequest
+from .dit360 import DiT360Pipeline, GenerateRequest, Generation
 from .image_io import save_png
 from .output_files import CUBE_INFIX
 from .sampling import StepCallback
@@ -54,6 +54,23 @@ def make_panorama(
 
     Raises the pipeline's errors, `Cancelled`, or OSError when the files cannot be written."""
     generation = pipe.generate(request, on_step=on_step, should_cancel=should_cancel, on_stage=on_stage)
+    return write_panorama(
+        generation, out, hdr=hdr, exr=exr, cubemap=cubemap, sun_share=sun_share, on_stage=on_stage
+    )
+
+
+def write_panorama(
+    generation: Generation,
+    out: Path,
+    *,
+    hdr: bool = True,
+    exr: bool = True,
+    cubemap: str = "none",
+    sun_share: float = 0.6,
+    on_stage: Callable[[str], None] | None = None,
+) -> Panorama:
+    """Write a finished `generation` (a generated or an edited panorama) as every job writes it: the
+    PNG with its metadata and analysis, the HDR files, EXRs and cube maps asked for; all or none."""
     if on_stage is not None:
         on_stage("saving")
     t0 = time.perf_counter()

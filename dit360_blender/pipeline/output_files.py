@@ -29,9 +29,16 @@ def slugify(text: str, max_len: int = SLUG_MAX) -> str:
     return slug.strip("-") or "panorama"
 
 
-def plan_output(output_dir: str | Path, prompt: str, seed: int, filename: str | None = None) -> Path:
+def plan_output(
+    output_dir: str | Path,
+    prompt: str,
+    seed: int,
+    filename: str | None = None,
+    default_stem: str | None = None,
+) -> Path:
     """The file a job writes: ``<output_dir>/<filename>.png`` when a name is given (overwritten),
-    else ``<output_dir>/<slug>_<seed>.png`` with ``-2``, ``-3``... added so earlier results survive.
+    else ``<output_dir>/<slug>_<seed>.png`` (or `default_stem`, e.g. an edit's) with ``-2``, ``-3``...
+    added so earlier results survive.
 
     Raises BadParametersError for any name that would land outside `output_dir`, and for a name
     ending in ``_lighting`` (another job's lighting file: job ``x`` writes ``x_lighting.hdr``) or in
@@ -40,7 +47,7 @@ def plan_output(output_dir: str | Path, prompt: str, seed: int, filename: str | 
     folder = Path(output_dir)
     if not folder.is_absolute():
         raise BadParametersError(f"The output folder {folder} is not absolute.", "Choose a full folder path.")
-    stem = filename if filename is not None else f"{slugify(prompt)}_{seed}"
+    stem = filename if filename is not None else default_stem or f"{slugify(prompt)}_{seed}"
     if not stem or any(sep in stem for sep in ("/", "\\", "\0")) or stem in (".", ".."):
         raise BadParametersError(
             f"The file name {stem!r} is not allowed.", "Use a plain name without folders."

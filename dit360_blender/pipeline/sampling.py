@@ -38,6 +38,7 @@ class SamplerStep:
 
 
 StepCallback = Callable[[SamplerStep], None]
+AfterStep = Callable[[int, Tensor, "Tensor | None"], "tuple[Tensor, Tensor | None]"]
 
 
 class Cancelled(Exception):
@@ -127,6 +128,7 @@ def denoise(
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     cache: StepCache | None = None,
+    after_step: AfterStep | None = None,
 ) -> Tensor:
     """Euler steps of the flow ODE; the model runs in `dtype`, the state stays float32.
 
@@ -136,6 +138,8 @@ def denoise(
     `should_cancel()` is checked before every step (raising `Cancelled`); `on_step` gets a
     `SamplerStep` after every step. With `cache` (pipeline/step_cache.py) the model may reuse its
     last full step's work; the first and the last step are always computed in full.
+    `after_step(i, x, x0) -> (x, x0)` may replace the state after step i (0-based) and the preview's
+    estimate, before `on_step` sees them: an edit puts the source back outside its mask there.
     """
     x = img.float()
     guidance_vec = torch.full((x.shape[0],), guidance, device=x.device, dtype=torch.float32)
@@ -164,6 +168,8 @@ def denoise(
         if on_step is not None:
             x0 = x - t_curr * velocity
         x = x + (t_next - t_curr) * velocity
+        if after_step is not None:
+            x, x0 = after_step(i, x, x0 if on_step is not None else None)
         if on_step is not None:
             on_step(SamplerStep(i + 1, total, x, x0))
     return x

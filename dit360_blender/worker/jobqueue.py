@@ -12,13 +12,16 @@ from dataclasses import dataclass, field
 
 @dataclass
 class QueuedJob:
-    """One queued `generate`; `cancel` is the flag the pipeline's should_cancel reads."""
+    """One queued job of `kind` (a `params.JOB_KINDS` name: its message type); `cancel` is the
+    flag the pipeline's should_cancel reads."""
 
     job_id: str
     params: dict
+    kind: str = "generate"
     submitted: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     step: int = 0  # sampling steps completed
+    total: int | None = None  # sampling steps it runs (None: params' steps; an edit runs fewer)
     stage: str = "loading"  # the progress stage it is in (it starts by finding and loading models)
     cancel_step: int | None = None  # steps completed when the cancel arrived
     started: float = 0.0

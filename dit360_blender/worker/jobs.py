@@ -17,7 +17,7 @@ import torch
 from ..params import apply_speed
 from ..pipeline.dit360 import Cancelled, DiT360Pipeline, GenerateRequest, pick_device
 from ..pipeline.errors import DiT360Error
-from ..pipeline.make_panorama import make_panorama
+from ..pipeline.make_panorama import Panorama, make_panorama
 from ..pipeline.mapped_weights import copy_mapped_weights
 from ..pipeline.model_files.download import resolve_model_paths
 from ..pipeline.model_files.identity import models_identity
@@ -26,6 +26,7 @@ from ..pipeline.sampling import SamplerStep
 from ..protocol import error, message
 from .jobqueue import QueuedJob
 from .preview import PreviewRenderer, encode_preview, fit_latent_rgb
+from .ranks import device_spec, parallel_pipeline_class, rank_devices
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ class ModelCache:
             progress=on_download,
             checkpoint=on_search,
         )
-        device = _normalise(pick_device(params["device"]))
+        spec = device_spec(params["device"], params.get("gpus", ""))
+        ranks = rank_devices(spec)  # several devices: a rank group (worker/ranks.py)
+        device = spec if ranks else _normalise(pick_device(spec))
         key = (
             models_identity(paths.as_dict(), [item["path"] for item in params["loras"]]),
             str(device),
@@ -75,14 +78,15 @@ class ModelCache:
             params["compile"],
             tuple(float(item["strength"]) for item in params["loras"]),
         )
-        if key == self.key and self.pipe is not None:
+        if key == self.key and self.pipe is not None and not getattr(self.pipe, "broken", False):
             return self.pipe, True
         self.release()
         on_load()
         logger.info(
             "loading models (%s, %s, LoRA strength %s)", device, params["dtype"], params["lora_strength"]
         )
-        self.pipe = DiT360Pipeline.load(
+        load = parallel_pipeline_class().load if ranks else DiT360Pipeline.load
+        self.pipe = load(
             paths,
             device=device,
             dtype=params["dtype"],
@@ -108,8 +112,14 @@ class ModelCache:
     def release(self) -> None:
         if self.pipe is not None:
             logger.info("unloading models")
+            getattr(self.pipe, "close", lambda: None)()  # a rank group's other processes stop
         self.pipe, self.key, self._projection = None, None, None
         free_memory()
+
+
+def _total_steps(job: QueuedJob) -> int:
+    """The sampling steps the job runs: known once it samples (an edit runs fewer than `steps`)."""
+    return job.total if job.total is not None else int(job.params.get("steps", 0))
 
 
 def _stop_if_cancelled(job: QueuedJob) -> None:
@@ -158,6 +168,10 @@ class JobRunner:
         return not fatal
 
     def _execute(self, job: QueuedJob) -> None:
+        """Run the job by its kind (`params.JOB_KINDS`; the server only queues known kinds)."""
+        JOB_KINDS_RUN[job.kind](self, job)
+
+    def _generate(self, job: QueuedJob) -> None:
         p = apply_speed(job.params)  # checked against the parameter table when the job arrived
         request = GenerateRequest(
             prompt=p["prompt"], seed=p["seed"], steps=p["steps"], guidance=float(p["guidance"]),
@@ -165,36 +179,50 @@ class JobRunner:
         )  # fmt: skip
         out = plan_output(p["output_dir"], p["prompt"], p["seed"], p["filename"])
         ensure_writable(out.parent)  # fail before minutes of loading and sampling, not after
+        pipe, cached, timings = self.load_pipeline(job, p)
+        made = make_panorama(
+            pipe, request, out, hdr=p["hdr"], exr=p["exr"], cubemap=p["cubemap"], sun_share=float(p["sun_share"]),
+            on_step=self.step_callback(job, self.previews(job)), should_cancel=job.cancel.is_set,
+            on_stage=lambda s: self.stage(job, s),
+        )  # fmt: skip
+        self.send_result(job, made, request.width, request.height, timings, cached)
+
+    # -- what every job kind shares ----------------------------------------------------------------
+
+    def load_pipeline(self, job: QueuedJob, p: dict) -> tuple[DiT360Pipeline, bool, dict]:
+        """The loaded pipeline for the job's model settings (from the cache when they are the same),
+        whether it was cached, and the timings so far; raises Cancelled when the job was cancelled."""
         timings = {"queued_s": job.started - job.submitted}
         t0 = time.monotonic()
         pipe, cached = self.cache.get(
             p,
-            lambda: self._stage(job, "loading"),
+            lambda: self.stage(job, "loading"),
             self._download_cb(job),
             on_search=lambda: _stop_if_cancelled(job),
         )
         timings["load_s"] = time.monotonic() - t0
         _stop_if_cancelled(job)
         pipe.use_vae_wrap(bool(p["vae_wrap"]))  # a decode setting: no reload when it changes
-        made = make_panorama(
-            pipe, request, out, hdr=p["hdr"], exr=p["exr"], cubemap=p["cubemap"], sun_share=float(p["sun_share"]),
-            on_step=self._step_cb(job, self._previews(job)), should_cancel=job.cancel.is_set,
-            on_stage=lambda s: self._stage(job, s),
-        )  # fmt: skip
+        return pipe, cached, timings
+
+    def send_result(
+        self, job: QueuedJob, made: Panorama, width: int, height: int, timings: dict, cached: bool
+    ) -> None:
+        """The job's `result` event for the files `made` wrote."""
         timings.update(made.timings, total_s=time.monotonic() - job.started)
         self._tail_s = timings.get("decode_s", 0.0) + timings["save_s"]
         logger.info("job %s done in %.2f s: %s", job.job_id, timings["total_s"], made.path.name)
         self.send(
             message(
-                "result", job_id=job.job_id, path=str(made.path), width=request.width,
-                height=request.height, metadata=made.metadata, timings=timings, model_cached=cached,
-                files=made.files,
+                "result", job_id=job.job_id, path=str(made.path), width=width, height=height,
+                metadata=made.metadata, timings=timings, model_cached=cached, files=made.files,
             )
         )  # fmt: skip
 
     # -- events ----------------------------------------------------------------------------------
 
-    def _stage(self, job: QueuedJob, stage: str) -> None:
+    def stage(self, job: QueuedJob, stage: str) -> None:
+        """Enter a progress stage (sends its `progress` event)."""
         job.stage = stage
         if stage == "sampling":
             job.sampling_started = time.monotonic()
@@ -203,18 +231,19 @@ class JobRunner:
     def _progress(self, job: QueuedJob, stage: str, eta: float | None, detail: str | None = None) -> None:
         elapsed = time.monotonic() - job.started
         msg = message(
-            "progress", job_id=job.job_id, stage=stage, step=job.step, total=job.params["steps"],
+            "progress", job_id=job.job_id, stage=stage, step=job.step, total=_total_steps(job),
             elapsed=round(elapsed, 4), eta=None if eta is None else round(eta, 3),
         )  # fmt: skip
         if detail is not None:
             msg["detail"] = detail
         self.send(msg)
 
-    def _step_cb(self, job: QueuedJob, previews: PreviewRenderer | None) -> Callable:
+    def step_callback(self, job: QueuedJob, previews: PreviewRenderer | None) -> Callable:
+        """The sampler's on_step: progress (with the ETA) and a preview every `preview_every` steps."""
         every = job.params["preview_every"]
 
         def on_step(step: SamplerStep) -> None:
-            job.step = step.index
+            job.step, job.total = step.index, step.total
             per_step = (time.monotonic() - job.sampling_started) / step.index
             self._progress(job, "sampling", eta=per_step * (step.total - step.index) + self._tail_s)
             if previews is not None and (step.index % every == 0 or step.index == step.total):
@@ -222,12 +251,15 @@ class JobRunner:
 
         return on_step
 
-    def _previews(self, job: QueuedJob) -> PreviewRenderer | None:
+    def previews(
+        self, job: QueuedJob, width: int | None = None, height: int | None = None
+    ) -> PreviewRenderer | None:
+        """The preview renderer of a `width` x `height` job (default: its params'), None when off."""
         p = job.params
         if p["preview_every"] <= 0:
             return None
         try:
-            return PreviewRenderer(self.cache.projection(), p["width"], p["height"])
+            return PreviewRenderer(self.cache.projection(), width or p["width"], height or p["height"])
         except Exception:  # a preview must never fail the job
             logger.warning(
                 "previews are off for job %s: the projection could not be set up", job.job_id, exc_info=True
@@ -266,7 +298,7 @@ class JobRunner:
         code, text, hint, fatal = classify(exc, self.log_path, job.stage)
         details: dict = {}
         if code == "cancelled":
-            text = f"Cancelled after {job.step} of {job.params['steps']} sampling steps."
+            text = f"Cancelled after {job.step} of {_total_steps(job)} sampling steps."
             details = {"step": job.step, "cancel_step": job.cancel_step}
         if code in ("internal", "cuda_error"):
             logger.error("job %s failed", job.job_id, exc_info=(type(exc), exc, exc.__traceback__))
@@ -337,3 +369,17 @@ def _is_gpu_failure(exc: BaseException) -> bool:
         "NCCL error",
     )
     return isinstance(exc, RuntimeError) and any(m in text for m in markers)
+
+
+def _run_edit(runner: JobRunner, job: QueuedJob) -> None:
+    from .edit_job import run_edit  # the edit's inputs and mask geometry load only for edits
+
+    run_edit(runner, job)
+
+
+# How each job kind (params.JOB_KINDS) runs: a function (runner, job) that sends the job's `result`
+# (through runner.send_result) or raises; a new kind adds its entry here (see /tmp/brief/job_kinds.md).
+JOB_KINDS_RUN: dict[str, Callable[[JobRunner, QueuedJob], None]] = {
+    "generate": JobRunner._generate,
+    "edit": _run_edit,
+}

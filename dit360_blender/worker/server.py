@@ -27,13 +27,14 @@ import time
 from collections import deque
 from pathlib import Path
 
+from ..params import JOB_KINDS
 from ..protocol import (
     CLIENT_MESSAGES,
     FINAL_TYPES,
     HEARTBEAT_MISSES,
     FrameDecoder,
     ProtocolError,
-    check_generate_params,
+    check_job_params,
     decode,
     encode,
     error,
@@ -203,6 +204,10 @@ class Worker:
         logger.info("client connected")
         self._read_loop(conn, decoder, rest)
         logger.info("client disconnected")
+        self.client_left(conn)
+
+    def client_left(self, conn: Connection) -> None:
+        """The owner's connection ended: a client-started worker ends with it (serve.py's waits)."""
         self.stop("the client disconnected")
 
     def _first_item(
@@ -281,7 +286,13 @@ class Worker:
             if isinstance(item, ProtocolError):
                 raise item
             msg = decode(item, CLIENT_MESSAGES)
-            handler = getattr(self, f"_on_{msg['type']}")
+            handler = self._on_job if msg["type"] in JOB_KINDS else getattr(self, f"_on_{msg['type']}", None)
+            if handler is None:  # the file transfers of a serving worker (worker/serve.py)
+                raise ProtocolError(
+                    "unknown_type",
+                    f"{msg['type']} is for a remote worker (--serve); this one shares its client's files.",
+                    "Read the files from the paths in the result.",
+                )
             handler(conn, msg)
         except ProtocolError as exc:
             logger.warning("refused a message: %s: %s", exc.code, exc.message)
@@ -295,14 +306,15 @@ class Worker:
     def _on_hello(self, conn: Connection, msg: dict) -> None:
         raise ProtocolError("bad_message", "Already authenticated: hello is only the first message.")
 
-    def _on_generate(self, conn: Connection, msg: dict) -> None:
-        job_id = msg["job_id"]
+    def _on_job(self, conn: Connection, msg: dict) -> None:
+        """Any job kind (`generate`, `edit`, ...): its params checked for its kind, then queued."""
+        job_id, kind = msg["job_id"], msg["type"]
         if self.queue.known(job_id):
             raise ProtocolError(
                 "bad_message", f"Job id {job_id} is already queued or running.", "Use a new id."
             )
         try:
-            params = check_generate_params(msg["params"])
+            params = check_job_params(kind, msg["params"])
         except ProtocolError as exc:
             conn.send(exc.to_message(job_id))
             return
@@ -313,7 +325,7 @@ class Worker:
         def announce(position: int) -> None:
             conn.send(message("queued", job_id=job_id, position=position))
 
-        if not self.queue.put(QueuedJob(job_id, params), announce):
+        if not self.queue.put(QueuedJob(job_id, params, kind=kind), announce):
             conn.send(
                 error(
                     "busy", f"The worker already has {MAX_QUEUED_JOBS} jobs waiting.",

@@ -1,0 +1,53 @@
+"""One "edit a panorama" step, shared by the worker and the CLI: read the inputs, inpaint, write the
+files exactly as a generation's (PNG with metadata and analysis, HDR, EXR, cube maps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .dit360 import DiT360Pipeline
+from .edit_inputs import EditInputs
+from .inpaint import EditRequest, inpaint
+from .make_panorama import Panorama, write_panorama
+from .sampling import StepCallback
+
+__all__ = ["edit_request", "make_edit"]
+
+
+def edit_request(p: Mapping[str, Any]) -> EditRequest:
+    """The sampling settings of an edit job's (checked) params."""
+    return EditRequest(
+        prompt=p["prompt"], seed=p["seed"], steps=p["steps"], guidance=float(p["guidance"]),
+        strength=float(p["strength"]), step_cache=float(p["step_cache"]),
+    )  # fmt: skip
+
+
+def make_edit(
+    pipe: DiT360Pipeline,
+    p: Mapping[str, Any],
+    inputs: EditInputs,
+    out: Path,
+    *,
+    on_step: StepCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> Panorama:
+    """Edit `inputs` (from `edit_inputs.read_edit_inputs(p)`) with `pipe` as the params `p` say and
+    write the result to `out` (a .png path) with its HDR files. Raises the pipeline's errors,
+    `Cancelled` (nothing written), or OSError when the files cannot be written."""
+    canvas = torch.from_numpy(inputs.canvas).permute(2, 0, 1).float() / 255.0
+    edited = inpaint(
+        pipe, edit_request(p), canvas, torch.from_numpy(inputs.mask),
+        on_step=on_step, should_cancel=should_cancel, on_stage=on_stage,
+    )  # fmt: skip
+    if inputs.unroll:  # a seam repair worked on the panorama turned by half: turn it back
+        edited.image = torch.roll(edited.image, -(inputs.width // 2), dims=2)
+    edited.metadata["edit"] = {**inputs.info, "steps_run": edited.metadata["steps_run"]}
+    return write_panorama(
+        edited, out, hdr=p["hdr"], exr=p["exr"], cubemap=p["cubemap"], sun_share=float(p["sun_share"]),
+        on_stage=on_stage,
+    )  # fmt: skip
