@@ -16,7 +16,7 @@ from dit360_blender.pipeline import errors
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dit360_blender"
 # Callables whose first argument is an error code (the protocol's, the client's, the Blender side's).
-CODE_FIRST = {"error", "ProtocolError", "WorkerError", "JobError", "GenerationError"}
+CODE_FIRST = {"error", "ProtocolError", "WorkerError", "JobError", "GenerationError", "TransferError"}
 
 
 def _name(func: ast.expr) -> str | None:

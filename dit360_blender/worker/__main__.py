@@ -1,5 +1,9 @@
 """The DiT360 model worker: ``python -m dit360_blender.worker --log-dir DIR --parent-pid PID``.
 
+On a GPU machine of its own: ``python -m dit360_blender.worker --serve [--port N] [--token-file F]
+[--models-dir DIR]`` (worker/serve.py): loopback only, reached through an SSH tunnel, serving one
+client at a time until stopped (Ctrl-C); its token is written to F (0600) and printed.
+
 Started by `dit360_blender.client`, which sets the launch token in the DIT360_WORKER_TOKEN environment
 variable (never argv). Order matters for start-up time: the socket is bound and its port announced
 before torch is imported, so the client connects while the slow import runs.
@@ -17,6 +21,7 @@ from ..protocol import PORT_ANNOUNCE, TOKEN_ENV
 from ..redact import env_secrets
 from .logs import ClientLogHandler, setup_logging
 from .process import finish
+from .serve_main import serve_args, serve_main
 from .server import HANDSHAKE_TIMEOUT_S, Worker
 
 logger = logging.getLogger("dit360_blender.worker")
@@ -26,7 +31,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dit360_blender.worker", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--log-dir", required=True, type=Path, help="folder for worker.log")
+    parser.add_argument("--log-dir", type=Path, help="folder for worker.log (--serve: also jobs and uploads)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
     parser.add_argument(
         "--handshake-timeout",
@@ -37,11 +42,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--accept-timeout", type=float, default=300.0, help="exit if no client authenticates within this (s)"
     )
-    return parser.parse_args(argv)
+    serve_args(parser)
+    args = parser.parse_args(argv)
+    if args.log_dir is None and not args.serve:
+        parser.error("--log-dir is required (it is optional with --serve)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.serve:
+        return serve_main(args)
     token = os.environ.pop(TOKEN_ENV, "")  # not inherited by anything this process starts
     if len(token) < 16:
         print(f"{TOKEN_ENV} is not set: the worker is started by dit360_blender.client.", file=sys.stderr)
