@@ -11,11 +11,11 @@ from pathlib import Path
 import bpy
 from bpy.app.handlers import persistent
 
-from . import history, operators, output, panels, prefs, props
+from . import edit_ops, edit_panel, history, operators, output, panels, prefs, props
 from .pump import PUMP
 from .thumbnails import THUMBNAILS
 
-_CLASSES = (*prefs.CLASSES, *operators.CLASSES, *panels.CLASSES)
+_CLASSES = (*prefs.CLASSES, *operators.CLASSES, *panels.CLASSES, *edit_ops.CLASSES, *edit_panel.CLASSES)
 
 
 @persistent

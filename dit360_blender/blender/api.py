@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import bpy
 
-from . import lighting
+from . import edit_ops, lighting
 from . import world as world_nodes
 from .errors import GenerationError
 from .generation import Generation
 from .pump import PUMP
 
-__all__ = ["GenerationError", "cancel", "generate_world", "is_busy", "set_world_image", "stop_worker"]
+__all__ = [
+    "GenerationError", "cancel", "edit_world", "generate_world", "is_busy", "set_world_image", "stop_worker",
+]  # fmt: skip
 
 
 def generate_world(
@@ -66,6 +68,65 @@ def generate_world(
     image = bpy.data.images.get(job.image_name or "")
     if image is None:
         raise GenerationError("apply_failed", "The result image is missing from Blender.", "Generate again.")
+    return image
+
+
+def edit_world(
+    kind: str,
+    prompt: str | None = None,
+    *,
+    strength: float | None = None,
+    feather: float | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    band: float | None = None,
+    photo: str | None = None,
+    hfov: float | None = None,
+    yaw: float | None = None,
+    pitch: float | None = None,
+    mask: str | None = None,
+    output_dir: str | None = None,
+    scene: bpy.types.Scene | None = None,
+    wait: bool = True,
+    timeout: float | None = None,
+) -> bpy.types.Image | Generation:
+    """Edit the World of `scene` as the Edit panel does; `kind` is "view" (what the scene camera sees,
+    through the World's Mapping), "mask" (the World's painted mask, or the mask image file `mask`),
+    "photo" (extend `photo` into a new world; `hfov` None = from its EXIF) or "seam".
+
+    Unset values come from the Edit panel (prompt: its prompt, else the main panel's). Blocks and
+    returns the World's new image with `wait=True` (the History gets an entry that is a child of the
+    source); raises GenerationError, the World unchanged, when the edit fails or is cancelled."""
+    scene = scene or bpy.context.scene
+    e = scene.dit360_edit
+    panel = {"strength": strength, "feather": feather, "band": band, "yaw": yaw, "pitch": pitch}
+    saved = {k: getattr(e, k) for k, v in panel.items() if v is not None}
+    for k, v in panel.items():
+        if v is not None:
+            setattr(e, k, v)
+    if photo is not None:
+        saved["photo"], e.photo = e.photo, photo
+    if hfov is not None and kind == "photo":
+        saved["photo_hfov"], e.photo_hfov = e.photo_hfov, hfov
+    try:
+        values = edit_ops.edit_values(bpy.context, kind) if not (kind == "mask" and mask) else None
+        if values is None:
+            values = {"mask_kind": "mask", "strength": float(e.strength), "feather": float(e.feather),
+                      "source": str(edit_ops.source_file(scene.world)), "mask": bpy.path.abspath(mask)}  # fmt: skip
+        overrides = {"prompt": prompt, "seed": seed, "steps": steps,
+                     "output_dir": bpy.path.abspath(output_dir) if output_dir else None}  # fmt: skip
+        job = edit_ops.start_edit(scene, values, **overrides)
+    finally:
+        for k, v in saved.items():
+            setattr(e, k, v)
+    if not wait:
+        return job
+    PUMP.wait(job, timeout=timeout)
+    if job.error is not None:
+        raise job.error
+    image = bpy.data.images.get(job.image_name or "")
+    if image is None:
+        raise GenerationError("apply_failed", "The result image is missing from Blender.", "Edit again.")
     return image
 
 

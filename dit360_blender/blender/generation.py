@@ -129,6 +129,7 @@ class Generation:
     progress_log: list[tuple[str, int]] = field(default_factory=list)  # (stage, step) as the WM saw them
     previews_shown: int = 0
     push_undo: bool = True  # False when an operator that waits makes the undo step itself
+    undo_message: str = "DiT360: Generate World"  # edits say which (edit_ops.start_edit)
 
     def on_event(self, event: dict) -> None:
         """One of this job's events (the pump routes them by job_id)."""
@@ -241,7 +242,7 @@ class Generation:
             state.status = f"Done in {seconds:.1f} s: {Path(event['path']).name}"
             state.detail = ""
         if self.push_undo:
-            undo_push("DiT360: Generate World")
+            undo_push(self.undo_message)
 
     def finish_error(self, err: GenerationError) -> None:
         """End the job with `err`: the scene gets its World back, the panel shows what and the fix."""

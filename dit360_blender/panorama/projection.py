@@ -305,7 +305,7 @@ def photo_to_equirect(
         raise GeometryError(
             f"the photo is {pw} px wide over {float(hfov):g}°, more than a {width}x{height} panorama holds "
             f"({limit} px over that angle)",
-            f"resize the photo to at most {limit} px wide (the fit option does it), or make the panorama wider",
+            f"resize the photo to at most {limit} px wide, or make the panorama wider",
         )
     half_w, half_h = _half_extent(hfov, pw / ph)
     pixels = photo.astype(np.float64)
