@@ -9,7 +9,7 @@ from pathlib import Path
 import bpy
 
 from ..params import PARAMS
-from . import lighting, paths
+from . import lighting, paths, resolution
 from .param_props import enum_identifier
 
 MAX_ENTRIES = 100
@@ -25,8 +25,17 @@ def record(scene: bpy.types.Scene, params: dict, event: dict, image: bpy.types.I
     path = event["path"]
     metadata = event.get("metadata") or {}
     files = event.get("files") or {}
+    merged = resolution.merge_upscale(scene, event)
+    if merged is not None:  # an upscale of an entry's panorama: one more size of that entry
+        merged.image_name = image.name
+        merged.seam_json = lighting.compact_json(metadata.get("seam"))
+        merged.lighting_json = lighting.compact_json(metadata.get("lighting"))
+        settings.history_index = list(settings.history).index(merged)
+        return
     entry = settings.history.add()
     for p in _RECORDED:
+        if p.name not in params:
+            continue  # a parameter the job's kind does not take (an edit has no size of its own)
         value = params[p.name]
         setattr(entry, p.name, enum_identifier(value) if p.kind == "choice" else value)
     # relative to the .blend when under its folder: a moved or sent project keeps its history
@@ -39,11 +48,26 @@ def record(scene: bpy.types.Scene, params: dict, event: dict, image: bpy.types.I
     entry.created = time.strftime("%Y-%m-%d %H:%M:%S")
     entry.seconds = seconds
     entry.name = Path(path).stem
+    resolution.record_sizes(entry, event)  # the World shows the largest; the entry keeps each
+    _record_edit(entry, event)
     # newest first: move the new entry to the top
     settings.history.move(len(settings.history) - 1, 0)
     while len(settings.history) > MAX_ENTRIES:
         settings.history.remove(len(settings.history) - 1)
     settings.history_index = 0
+
+
+def _record_edit(entry: bpy.types.PropertyGroup, event: dict) -> None:
+    """An edit's entry (issue 14) is a child of its source: the source's file, the mask kind and the
+    edit's values; its size is the result's (the source's), not the panel's."""
+    edit = (event.get("metadata") or {}).get("edit")
+    if not isinstance(edit, dict):
+        return
+    entry.edit_kind = str(edit.get("mask_kind", ""))
+    entry.parent = paths.stored(str(edit.get("source") or edit.get("photo") or ""))
+    entry.edit_json = json.dumps(edit, separators=(",", ":"), default=str)
+    if isinstance(event.get("width"), int) and isinstance(event.get("height"), int):
+        entry.width, entry.height = event["width"], event["height"]
 
 
 def _json(text: str) -> dict | None:
@@ -74,8 +98,9 @@ def rebase_paths(old_blend: str, new_blend: str) -> None:
     """The file is saved at `new_blend`: every scene's history paths follow, as Blender's own do."""
     for scene in bpy.data.scenes:
         for entry in scene.dit360.history:
-            for field in ("filepath", "hdr_path", "lighting_path"):
+            for field in ("filepath", "hdr_path", "lighting_path", "parent"):
                 setattr(entry, field, paths.rebased(getattr(entry, field), old_blend, new_blend))
+            resolution.rebase(entry, old_blend, new_blend)
 
 
 def entry_summary(entry: bpy.types.PropertyGroup) -> tuple[tuple[str, bool | None], tuple[str, bool | None]]:

@@ -6,7 +6,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from ..params import MAX_LORAS
-from . import history
+from . import history, resolution_ops
 from .common import ADDON_PACKAGE, runtime, tag_redraw
 from .errors import GenerationError
 from .param_props import param_property
@@ -33,6 +33,9 @@ OVERRIDABLE = (
     "sun_share",
     "speed",
     "output_dir",
+    "size",
+    "refine",
+    "refine_strength",
 )
 
 
@@ -55,6 +58,9 @@ class DIT360_OT_generate(bpy.types.Operator):
     sun_share: param_property("sun_share", options={"SKIP_SAVE"})
     speed: param_property("speed", options={"SKIP_SAVE"})
     output_dir: param_property("output_dir", subtype="DIR_PATH", options={"SKIP_SAVE"})
+    size: param_property("size", options={"SKIP_SAVE"})
+    refine: param_property("refine", options={"SKIP_SAVE"})
+    refine_strength: param_property("refine_strength", options={"SKIP_SAVE"})
     wait: BoolProperty(
         name="Wait",
         description="Block until the world is done (the default in background mode, where timers never run)",
@@ -380,4 +386,5 @@ CLASSES = (
     DIT360_OT_cancel_download,
     DIT360_OT_open_preferences,
     DIT360_OT_clear_error,
+    *resolution_ops.CLASSES,  # Upscale a history entry (issue 15)
 )

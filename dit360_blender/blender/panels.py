@@ -10,7 +10,7 @@ from pathlib import Path
 
 import bpy
 
-from . import history, lighting, paths
+from . import history, lighting, paths, resolution_ui
 from . import world as world_nodes
 from .common import runtime
 from .prefs import schedule_checks
@@ -29,6 +29,8 @@ _FIX_BUTTONS = {
     "download_gated": (("dit360.open_preferences", "PREFERENCES"),),
     "out_of_memory": (("dit360.open_preferences", "PREFERENCES"),),
     "device_unavailable": (("dit360.open_preferences", "PREFERENCES"),),
+    "remote_unreachable": (("dit360.open_preferences", "PREFERENCES"),),  # Worker: Remote settings
+    "unauthorized": (("dit360.open_preferences", "PREFERENCES"),),  # a remote worker's token file
     "worker_unresponsive": (("dit360.stop_worker", "X"),),  # the client stopped it; this makes sure
 }
 
@@ -218,6 +220,7 @@ class DIT360_PT_main(bpy.types.Panel):
         col.prop(settings, "guidance")
         col.prop(settings, "lora_strength")
         layout.prop(settings, "speed", expand=True)
+        resolution_ui.draw_resolution(layout, settings)
         draw_generate_button(layout, scale_y=1.5)
 
 
@@ -297,6 +300,7 @@ class DIT360_PT_history(bpy.types.Panel):
         col.label(text=f"Seed {entry.seed} · {entry.steps} steps · guidance {entry.guidance:.1f} · "
                   f"LoRA {entry.lora_strength:.2f}")  # fmt: skip
         col.label(text=f"{entry.width}×{entry.height} · {entry.seconds:.0f} s · {entry.created}")
+        resolution_ui.draw_entry_sizes(col, entry, index)
         (seam, seam_ok), (sun, found) = history.entry_summary(entry)
         draw_environment_info(layout, {"seam": seam, "seam_ok": seam_ok, "sun": sun, "sun_found": found})
         row = layout.row(align=True)

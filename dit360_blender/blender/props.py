@@ -30,6 +30,16 @@ DEFAULT_PROMPT = "This is a panorama image. A sunny alpine meadow with scattered
 MAX_SEED = BY_NAME["seed"].blender_range()[1]  # a Blender IntProperty holds 32 bits
 
 
+class DIT360_HistorySize(bpy.types.PropertyGroup):
+    """One size of a history entry (2K as generated, 4K/8K/16K upscaled): blender/resolution.py."""
+
+    width: IntProperty(name="Width")
+    height: IntProperty(name="Height")
+    filepath: StringProperty(name="File", subtype="FILE_PATH")
+    hdr_path: StringProperty(name="HDR", subtype="FILE_PATH")
+    lighting_path: StringProperty(name="HDR (sun clamped)", subtype="FILE_PATH")
+
+
 class DIT360_HistoryEntry(bpy.types.PropertyGroup):
     """One generated environment: enough to show it, re-apply it and generate it again."""
 
@@ -46,11 +56,19 @@ class DIT360_HistoryEntry(bpy.types.PropertyGroup):
     seconds: FloatProperty(name="Time (s)")
     sun_share: param_property("sun_share")
     speed: param_property("speed")
+    size: param_property("size")
+    refine: param_property("refine")
+    refine_strength: param_property("refine_strength")
+    sizes: CollectionProperty(type=DIT360_HistorySize)  # every size made of it, widest first
     # the HDR files beside the PNG (empty: none were written) and the analysis the worker recorded
     hdr_path: StringProperty(name="HDR", subtype="FILE_PATH")
     lighting_path: StringProperty(name="HDR (sun clamped)", subtype="FILE_PATH")
     seam_json: StringProperty(name="Seam Scores")
     lighting_json: StringProperty(name="Lighting")
+    # an edit's entry (issue 14): the file it was made from, its mask kind and its values (JSON)
+    parent: StringProperty(name="Edited From", subtype="FILE_PATH")
+    edit_kind: StringProperty(name="Edit")
+    edit_json: StringProperty(name="Edit Settings")
 
 
 _LORAS = BY_NAME["loras"]
@@ -89,6 +107,9 @@ class DIT360_SceneSettings(bpy.types.PropertyGroup):
     height: param_property("height")
     sun_share: param_property("sun_share", subtype="FACTOR")
     speed: param_property("speed")
+    size: param_property("size")
+    refine: param_property("refine")
+    refine_strength: param_property("refine_strength", subtype="FACTOR")
     output_dir: param_property(
         "output_dir",
         description="Where generated images are written. Empty: //dit360/ next to the saved .blend, "
@@ -234,6 +255,7 @@ class DIT360_Runtime(bpy.types.PropertyGroup):
 
 
 CLASSES = (
+    DIT360_HistorySize,
     DIT360_HistoryEntry,
     DIT360_LoraItem,
     DIT360_SceneSettings,

@@ -1,0 +1,119 @@
+"""Upscale a history entry to the panel's Resolution (issue 15): a job of kind "upscale" for the
+worker, whose source is the entry's native (2K) PNG. It runs as a generation does (progress, cancel,
+a failure leaves the World as it was); its result joins the entry as one more size
+(blender/resolution.py) and the World shows it, the largest. The panel's Refine and its strength
+go with it, and the entry's own prompt and seed (the Refine pass is FLUX.1-dev img2img)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bpy
+from bpy.props import IntProperty
+
+from ..client import Job
+from ..params import UPSCALE, for_job
+from . import output, paths
+from .common import prefs, tag_redraw
+from .errors import GenerationError
+from .generation import Generation, _reset_state, scene_loras
+from .param_props import enum_value, prefs_job_values, scene_job_values
+from .preview import PreviewWorld
+from .pump import PUMP, ensure_timer
+
+_UPSCALE_NAMES = {p.name for p in for_job(UPSCALE)}
+
+
+def native_file(entry: bpy.types.PropertyGroup) -> Path:
+    """The entry's smallest size: the panorama the generation made (what an upscale starts from)."""
+    stored = entry.sizes[len(entry.sizes) - 1].filepath if len(entry.sizes) else entry.filepath
+    return Path(paths.resolve(stored))
+
+
+def start_upscale(scene: bpy.types.Scene, entry: bpy.types.PropertyGroup, **overrides: object) -> Generation:
+    """Submit an upscale of history `entry` with the panel's Resolution/Refine (`overrides` win);
+    returns at once. Raises GenerationError when it can't be submitted."""
+    if PUMP.busy:
+        raise GenerationError("busy", "A world is already being generated.", "Wait for it, or press Cancel.")
+    settings = scene.dit360
+    size = str(overrides.get("size") or enum_value(settings.size))
+    if size == "native":
+        raise GenerationError(
+            "bad_parameters", "The Resolution is 2K (native): there is nothing to upscale to.",
+            "Choose 4K, 8K or 16K under Resolution.",
+        )  # fmt: skip
+    source = native_file(entry)
+    if not source.is_file():
+        raise GenerationError(
+            "bad_parameters", f"The entry's panorama {source} is missing.",
+            "Generate it again (Copy Settings, then Generate World), or restore the file.",
+        )  # fmt: skip
+    link = PUMP.link
+    link.check_python()
+    models_dir, model_paths = link.model_settings()
+    values = scene_job_values(settings, overrides, skip=("output_dir",), job=UPSCALE)
+    # the Refine pass redraws the entry's own picture: its prompt and seed, not the panel's
+    values.update(prompt=entry.prompt, seed=int(entry.seed), size=size)
+    prefs_values = {k: v for k, v in prefs_job_values(prefs()).items() if k in _UPSCALE_NAMES}
+    extra = {"loras": scene_loras(settings)} if "loras" in _UPSCALE_NAMES else {}
+    try:
+        job = Job(
+            kind=UPSCALE, **values, **prefs_values, source=str(source),
+            output_dir=str(overrides.get("output_dir") or output.output_dir(settings)),
+            models_dir=models_dir, model_paths=model_paths, **extra,
+        )  # fmt: skip
+        client = link.ensure_client()
+        job_id = client.submit(job)
+    except (ValueError, TypeError) as exc:  # ProtocolError: a value the worker would refuse
+        raise GenerationError(
+            getattr(exc, "code", "bad_parameters"),
+            getattr(exc, "message", str(exc)),
+            getattr(exc, "hint", ""),
+        ) from None
+    gen = Generation(job_id, PreviewWorld.of(scene), job.to_params(), client.log_path)
+    gen.undo_message = f"DiT360: Upscale World ({size.upper()})"
+    _reset_state(job_id, int(job.params.get("steps") or 1), starting=client.worker_pid is None)
+    PUMP.job = gen
+    link.note_busy()
+    ensure_timer()
+    tag_redraw()
+    return gen
+
+
+class DIT360_OT_upscale_history(bpy.types.Operator):
+    """Upscale this world to the panel's Resolution (with Refine if it is on); the result joins the
+    entry as one more size and the World shows it"""
+
+    bl_idname = "dit360.upscale_history"
+    bl_label = "Upscale"
+    bl_options = {"REGISTER"}
+
+    index: IntProperty(options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if PUMP.busy:
+            cls.poll_message_set("A world is being generated")
+            return False
+        return context.scene is not None and enum_value(context.scene.dit360.size) != "native"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        history = context.scene.dit360.history
+        if not 0 <= self.index < len(history):
+            self.report({"ERROR"}, "No such history entry.")
+            return {"CANCELLED"}
+        try:
+            job = start_upscale(context.scene, history[self.index])
+        except GenerationError as err:
+            self.report({"ERROR"}, f"{err.message} — {err.hint}" if err.hint else err.message)
+            return {"CANCELLED"}
+        if bpy.app.background:  # timers never run there: wait for the result as dit360.generate does
+            job.push_undo = False
+            PUMP.wait(job)
+            if job.error is not None:
+                self.report({"ERROR"}, job.error.message)
+                return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+CLASSES = (DIT360_OT_upscale_history,)
