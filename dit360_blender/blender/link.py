@@ -15,8 +15,10 @@ import bpy
 
 from ..client import WorkerClient
 from ..redact import token_problem
+from ..remote_client import RemoteWorkerClient
 from .common import prefs, runtime, user_dir
 from .errors import GenerationError
+from .remote_prefs import remote_spec
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "lora")
 
@@ -39,6 +41,8 @@ class WorkerLink:
         return sys.executable, user_dir("vendor")
 
     def check_python(self) -> None:
+        if remote_spec(prefs()) is not None:
+            return  # the remote machine has its own Python
         python, _vendor = self.worker_python()
         if not python or not Path(python).is_file():
             raise GenerationError(
@@ -58,8 +62,8 @@ class WorkerLink:
     def model_settings(self) -> tuple[str | None, dict[str, str]]:
         """(models folder or None, explicit component paths) from the preferences."""
         p = prefs()
-        if p is None or p.models_source == "CACHE":
-            return None, {}
+        if p is None or p.models_source == "CACHE" or remote_spec(p) is not None:
+            return None, {}  # a remote worker uses its own machine's models
         models_dir = bpy.path.abspath(p.models_dir).strip() or None
         paths: dict[str, str] = {}
         if p.models_source == "FILES":
@@ -76,10 +80,14 @@ class WorkerLink:
         new client (the old worker is stopped in the background)."""
         python, vendor = self.worker_python()
         token = self.hf_token()
-        key = (python, str(vendor) if vendor else None, token)
+        remote = remote_spec(prefs())
+        key = (python, str(vendor) if vendor else None, token, remote)
         if self.client is not None and key != self._key:
             self._close_in_background(self.client)
             self.client = None
+        if self.client is None and remote is not None:
+            self.client = RemoteWorkerClient(remote, log_dir=user_dir("logs"))
+            self._key = key
         if self.client is None:
             self.client = WorkerClient(
                 python=python,

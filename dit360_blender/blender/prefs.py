@@ -6,6 +6,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from ..redact import token_problem
+from . import remote_prefs
 from .common import ADDON_PACKAGE, FLUX_LICENSE_URL, TOKENS_URL, runtime, user_dir
 from .param_props import param_property
 from .pump import PUMP
@@ -55,6 +56,13 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         description="The python executable of that environment (…/bin/python or …\\Scripts\\python.exe)",
         subtype="FILE_PATH",
     )
+    # -- the worker: this computer's, or a remote GPU machine's (remote_prefs.py)
+    worker_mode: remote_prefs.WORKER_MODE
+    remote_connection: remote_prefs.REMOTE_CONNECTION
+    remote_ssh_alias: remote_prefs.REMOTE_SSH_ALIAS
+    remote_port: remote_prefs.REMOTE_PORT
+    remote_address: remote_prefs.REMOTE_ADDRESS
+    remote_token_file: remote_prefs.REMOTE_TOKEN_FILE
     # -- models
     models_source: EnumProperty(
         name="Model Files",
@@ -86,6 +94,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
     # -- performance
     # job settings kept in the preferences: names, choices and limits from the parameter table
     device: param_property("device")
+    gpus: param_property("gpus")
     dtype: param_property("dtype")
     memory_mode: param_property("memory_mode")
     vram_budget_gib: param_property("vram_budget_gib", name="VRAM Budget (GiB)")
@@ -107,6 +116,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
             return
         if state.deps_state == "UNKNOWN" and not PUMP.setup.running("deps_check"):
             schedule_checks()
+        remote_prefs.draw(self, layout.box())
         self._draw_dependencies(layout.box(), state)
         self._draw_models(layout.box(), state)
         self._draw_performance(layout.box())
@@ -193,6 +203,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         box.label(text="Performance", icon="PREFERENCES")
         col = box.column()
         col.prop(self, "device")
+        col.prop(self, "gpus")
         col.prop(self, "dtype")
         col.prop(self, "memory_mode")
         sub = col.row()

@@ -16,10 +16,12 @@ from collections import deque
 
 import bpy
 
+from ..remote_client import RemoteWorkerClient
 from .common import runtime, short, tag_redraw
 from .errors import GenerationError
 from .generation import Generation, submit
 from .link import WorkerLink
+from .remote_prefs import ready_text
 from .setup_tasks import SetupTasks
 
 ACTIVE_INTERVAL_S = 0.1
@@ -112,10 +114,8 @@ class Pump:
         state = runtime()
         if kind == "ready":
             if state is not None:
-                state.worker_info = (
-                    f"Worker ready: torch {event.get('torch_version')} on {event.get('device_name')} "
-                    f"({event.get('device')})"
-                )
+                remote = isinstance(self.link.client, RemoteWorkerClient)
+                state.worker_info = ready_text(event, remote)
             return
         job = self.job
         if job is None or job.done or event.get("job_id") != job.job_id:
