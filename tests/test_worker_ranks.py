@@ -129,3 +129,31 @@ def test_a_bad_device_list_is_refused(client, job):
     with pytest.raises(JobError) as info:
         client.run(job(device="cuda:0,0"), timeout=60)
     assert info.value.code in ("device_unavailable", "bad_parameters"), info.value
+
+
+def test_a_gpus_list_needs_those_gpus(client, job):
+    """The preferences' GPUs field folds into the device; this machine has no CUDA GPU."""
+    with pytest.raises(JobError) as info:
+        client.run(job(device="auto", gpus="0,1"), timeout=60)
+    assert info.value.code == "device_unavailable" and "cuda:0,1" in str(info.value), info.value
+
+
+def test_device_settings_parse_and_refuse():
+    from dit360_blender.params import ParamError, check_values
+    from dit360_blender.pipeline.errors import DeviceError
+    from dit360_blender.worker.ranks import device_spec, rank_devices
+
+    assert rank_devices("cpu:3") == ["cpu"] * 3 and rank_devices("cuda:0") is None
+    assert rank_devices("auto") is None and rank_devices("cpu") is None
+    assert device_spec("auto", " 0, 1 ") == "cuda:0,1" and device_spec("cuda:1", "") == "cuda:1"
+    for bad in (
+        lambda: device_spec("cpu", "0,1"),
+        lambda: rank_devices("cpu:0"),
+        lambda: rank_devices("cuda:2,2"),
+    ):
+        with pytest.raises(DeviceError):
+            bad()
+    assert check_values({"device": "cuda:0,1,2,3", "gpus": "0,1,2,3"})["device"] == "cuda:0,1,2,3"
+    for bad in ({"device": "cuda:0;1"}, {"device": "cuda:0,"}, {"gpus": "0,x"}, {"gpus": "0,1,"}):
+        with pytest.raises(ParamError):
+            check_values(bad)

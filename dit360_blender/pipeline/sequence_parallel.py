@@ -102,6 +102,9 @@ class SequenceParallel:
         self.sizes: list[int] = []  # every rank's slice of the joint sequence, set per run
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.world)]
         self._control_root = dist.get_global_rank(self.control, 0)
+        # One bound method for the blocks, kept: compiled blocks guard on the object they call, so
+        # a new one per job would recompile them every job.
+        self.block_attention = self.attention
 
     def mode_for(self, num_heads: int) -> str:
         if self.mode != "auto":
@@ -217,7 +220,7 @@ def sharded_attention(model: Flux, sp: SequenceParallel) -> Iterator[None]:
     """The model's blocks attend through `sp` inside this block, as one process outside it."""
     blocks = [*model.double_blocks, *model.single_blocks]
     for block in blocks:
-        block.attention_fn = sp.attention
+        block.attention_fn = sp.block_attention
     try:
         yield
     finally:
