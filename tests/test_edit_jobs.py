@@ -51,6 +51,9 @@ def files(tmp_path_factory):
     Image.fromarray(_source(4)[:, : W - 16]).save(root / "not_2to1.png")
     photo = _source(5)[10:34, 40:76]  # 36 x 24 photo
     Image.fromarray(photo).save(root / "photo.png")
+    exif = Image.Exif()
+    exif.get_ifd(0x8769).update({0xA405: 15})  # FocalLengthIn35mmFilm 15 mm: 2 atan(18 / 15) = 100.4°
+    Image.fromarray(photo).save(root / "photo_exif.jpg", exif=exif, quality=95)
     (root / "text.png").write_text("not an image")
     return root
 
@@ -150,6 +153,13 @@ def test_photo_edit_through_the_worker(client, edit, files):
     assert covered.sum() > 100
     assert np.array_equal(edited[covered], np.rint(placed.rgb[covered]).astype(np.uint8))
     assert result["metadata"]["edit"]["hfov"] == 100.0 and Path(result["path"]).name == "photo-photo_77.png"
+    # the field of view from the photo's EXIF; a 60° photo too detailed for 128 px, scaled down by fit
+    from_exif, _ = _run(client, edit(mask_kind="photo", mask=None, source=None, photo=files / "photo_exif.jpg",
+                                     width=W, height=H))  # fmt: skip
+    assert from_exif["metadata"]["edit"]["hfov"] == pytest.approx(2 * np.degrees(np.arctan(18 / 15)))
+    fitted, _ = _run(client, edit(mask_kind="photo", mask=None, source=files / "harbour.png",
+                                  photo=files / "photo.png", hfov=60.0, fit=True))  # fmt: skip
+    assert fitted["metadata"]["edit"]["fit"] is True and (fitted["width"], fitted["height"]) == (W, H)
 
 
 def test_bad_edit_inputs_are_refused_and_nothing_is_written(client, edit, files, tmp_path):

@@ -99,7 +99,13 @@ def _photo(p: Mapping[str, Any], source: np.ndarray | None, info: dict, stem: st
     covered = placed.coverage[..., None] > 0
     canvas = np.where(covered, rgb, source if source is not None else rgb)
     info.update(
-        photo=p["photo"], hfov=float(hfov), yaw=p["yaw"], pitch=p["pitch"], roll=p["roll"], feather=0.0
+        photo=p["photo"],
+        hfov=float(hfov),
+        yaw=p["yaw"],
+        pitch=p["pitch"],
+        roll=p["roll"],
+        fit=p["fit"],
+        feather=0.0,
     )
     # no feather: the photo's pixels stay exactly as projected, the generated rest meets them
     return EditInputs(canvas, placed.mask.astype(np.float32), "photo", False, stem, info)

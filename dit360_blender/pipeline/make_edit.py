@@ -46,7 +46,13 @@ def make_edit(
     )  # fmt: skip
     if inputs.unroll:  # a seam repair worked on the panorama turned by half: turn it back
         edited.image = torch.roll(edited.image, -(inputs.width // 2), dims=2)
-    edited.metadata["edit"] = {**inputs.info, "steps_run": edited.metadata["steps_run"]}
+    # the edit's own record (a history child reads it whole): its settings beside the source's path
+    edited.metadata["edit"] = {
+        **inputs.info,
+        "prompt": p["prompt"],
+        "seed": p["seed"],
+        "steps_run": edited.metadata["steps_run"],
+    }
     return write_panorama(
         edited, out, hdr=p["hdr"], exr=p["exr"], cubemap=p["cubemap"], sun_share=float(p["sun_share"]),
         on_stage=on_stage,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..params import apply_speed
 from ..pipeline.edit_inputs import read_edit_inputs
+from ..pipeline.img2img import strength_start
 from ..pipeline.make_edit import make_edit
 from ..pipeline.output_files import ensure_writable, plan_output
 from .jobqueue import QueuedJob
@@ -21,6 +22,7 @@ def run_edit(runner: JobRunner, job: QueuedJob) -> None:
     inputs = read_edit_inputs(p)
     out = plan_output(p["output_dir"], p["prompt"], p["seed"], p["filename"], default_stem=inputs.stem)
     ensure_writable(out.parent)  # fail before minutes of loading and sampling, not after
+    job.total = p["steps"] - strength_start(p["steps"], p["strength"])  # the steps it runs, for progress
     pipe, cached, timings = runner.load_pipeline(job, p)
     previews = runner.previews(job, inputs.width, inputs.height)
     made = make_edit(
