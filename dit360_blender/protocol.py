@@ -99,6 +99,8 @@ chunk        job_id, name, offset, size, data,       worker → client: the repl
 release      job_id                                  client → worker: the files arrived; delete them
 ============ ======================================= ============================================
 
+To a serving worker ``shutdown`` ends the client's session (its jobs are cancelled and the connection
+closed); the worker serves on until it is stopped on its own machine.
 A serving worker's ``result`` carries ``remote_files``: ``[{name, size, sha256}]``, the job's files
 (``path`` and ``files`` name them in the worker's folder). A bad upload is refused with ``bad_upload``
 (``details.upload_id``); the connection and the other jobs go on.

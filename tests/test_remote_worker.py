@@ -17,6 +17,7 @@ One worker serves the module; tests run in file order.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -398,15 +399,40 @@ def test_intruders_and_bad_uploads_are_refused_while_the_first_client_works(clie
     data = os.urandom(1000)
     w.send(message("upload_begin", upload_id="bad", name="mask.png", size=1000, sha256="0" * 64))
     w.send(message("upload_chunk", upload_id="bad", offset=0, **{**chunk_fields(data), "sha256": "1" * 64}))
+    # a job naming the refused upload is refused with the upload's reason; an edit whose source
+    # arrived but whose mask is the refused one keeps nothing of either
+    seen = frames_of(tunnel)
+    good = os.urandom(500)
+    w.send(
+        message(
+            "upload_begin",
+            upload_id="good",
+            name="source.png",
+            size=500,
+            sha256=hashlib.sha256(good).hexdigest(),
+        )
+    )
+    w.send(message("upload_chunk", upload_id="good", offset=0, **chunk_fields(good)))
+    params = {
+        "prompt": PROMPT,
+        "output_dir": "/elsewhere",
+        "source": "/client/source.png",
+        "mask": "/client/mask.png",
+    }
+    w.send(message("edit", job_id="naming-bad", params=params, uploads={"source": "good", "mask": "bad"}))
     events = []
     ended = wait_final(client, job_id, on_event=events.append)
     assert ended["type"] == "result"
     logs = [e["message"] for e in events if e["type"] == "log"]
     assert any("Upload big refused" in m and "at most" in m for m in logs), logs
     assert any("Upload bad refused" in m and "checksum" in m for m in logs), logs
+    tunnel.taps.clear()
+    assert [m["type"] for m in seen if m.get("upload_id") == "good"] == ["uploaded"]
+    [refused] = [m for m in seen if m.get("job_id") == "naming-bad"]
+    assert refused["code"] == "bad_parameters" and "checksum" in refused["message"], refused
+    assert "naming-bad" not in remote.job_folders()
     with unaudited():
-        assert not (remote.tree / "root" / "uploads" / "big").exists()
-        assert not (remote.tree / "root" / "uploads" / "bad").exists()
+        assert list((remote.tree / "root" / "uploads").iterdir()) == []
     assert client.run(job(local, seed=15), timeout=240)["type"] == "result"  # and it serves on
 
 

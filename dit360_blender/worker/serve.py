@@ -216,6 +216,10 @@ class UploadStore:
         for upload_id in upload_ids:
             shutil.rmtree(self.root / upload_id, ignore_errors=True)
 
+    def discard_incomplete(self) -> None:
+        """Uploads cut short (their client left mid-file): a client that comes back sends them anew."""
+        self.discard([u for u, up in list(self._uploads.items()) if not up.complete])
+
     def expire(self, now: float) -> None:
         self.discard([u for u, up in list(self._uploads.items()) if now - up.started > UPLOAD_KEEP_S])
 
@@ -282,6 +286,7 @@ class ServeWorker(Worker):
             if self.owner is conn:
                 self.owner = None
         conn.close()
+        self.uploads.discard_incomplete()
 
     def watch(self, parent_pid: int | None = None) -> None:
         """No parent and no accept timeout: a silent client is disconnected; old results expire."""
@@ -337,12 +342,16 @@ class ServeWorker(Worker):
                         )
                     params[name] = str(self.uploads.path(upload_id))
         except ProtocolError as exc:
+            self.uploads.discard([u for u in uploads.values() if isinstance(u, str)])
             conn.send(exc.to_message(job_id))
             return
         params["output_dir"] = str(self.results.job_dir(job_id))
         params["models"] = {"models_dir": None if self.models_dir is None else str(self.models_dir)}
         self._job_uploads[job_id] = [u for u in uploads.values() if isinstance(u, str)]
         super()._on_job(conn, {**msg, "params": params})
+        if not self.queue.known(job_id) and self.results.get(job_id) is None:  # refused: nothing kept
+            self.uploads.discard(self._job_uploads.pop(job_id, []))
+            shutil.rmtree(self.results.root / job_id, ignore_errors=True)
 
     def _on_fetch(self, conn: Connection, msg: dict) -> None:
         job_id = msg["job_id"]
