@@ -374,7 +374,7 @@ def edit_values(context: bpy.types.Context, kind: str) -> dict:
 
 def parent_entry(scene: bpy.types.Scene, entry: bpy.types.PropertyGroup) -> bpy.types.PropertyGroup | None:
     """The History entry an edit was made from (its PNG is the edit's source), or None."""
-    if not entry.parent:
+    if not getattr(entry, "parent", ""):
         return None
     target = paths.resolve(entry.parent)
     return next((e for e in scene.dit360.history if e != entry and paths.resolve(e.filepath) == target), None)

@@ -3,9 +3,11 @@ the four edits (edit_ops.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bpy
 
-from .edit_ops import world_mask
+from .edit_ops import parent_entry, world_mask
 
 
 class DIT360_PT_edit(bpy.types.Panel):
@@ -43,6 +45,21 @@ class DIT360_PT_edit(bpy.types.Panel):
         box = layout.box()
         box.prop(e, "band")
         box.operator("dit360.repair_seam", icon="MOD_MIRROR")
+        draw_lineage(layout, context)
+
+
+def draw_lineage(layout: bpy.types.UILayout, context: bpy.types.Context) -> None:
+    """The selected History entry's place in the edit tree: what it was made from."""
+    settings = context.scene.dit360
+    if not 0 <= settings.history_index < len(settings.history):
+        return
+    entry = settings.history[settings.history_index]
+    kind = getattr(entry, "edit_kind", "")
+    if not kind:
+        return
+    parent = parent_entry(context.scene, entry)
+    source = parent.name if parent is not None else Path(entry.parent).name
+    layout.label(text=f"{entry.name}: {kind} edit of {source}", icon="LINKED")
 
 
 CLASSES = (DIT360_PT_edit,)
