@@ -43,3 +43,7 @@ def run_checks(*names: str) -> None:
 
 def test_spandrel_models_load_and_tile_without_a_seam():
     run_checks("check_sr_models.py")
+
+
+def test_upscale_command_2k_to_8k_hdri_and_its_bad_inputs():
+    run_checks("check_upscale_cli.py")
