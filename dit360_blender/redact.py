@@ -49,7 +49,7 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     secrets (`token_problem`) are skipped."""
     for secret in secrets:
         secret = (secret or "").strip()
-        if secret and token_problem(secret) is None:
+        if secret and secret in text and token_problem(secret) is None:  # `in` first: fast on big frames
             pattern = f"(?<![{_WORD_CHARS}]){re.escape(secret)}(?![{_WORD_CHARS}])"
             text = re.sub(pattern, MASK, text)
     return text
