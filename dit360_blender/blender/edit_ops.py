@@ -350,9 +350,16 @@ def edit_values(context: bpy.types.Context, kind: str) -> dict:
         node = environment_node(world)
         mapping = world_mapping(world, node)
         region = getattr(context, "region_data", None)
-        if e.use_viewport and region is not None and region.view_perspective != "CAMERA":
+        if region is None:  # pressed in the sidebar: the viewport's own view
+            region = getattr(getattr(context, "space_data", None), "region_3d", None)
+        if e.use_viewport and region is None:
+            raise GenerationError(
+                "bad_parameters", "There is no 3D viewport here to take the view from.",
+                "Press Regenerate View in a 3D Viewport's sidebar, or turn Use Viewport off to use the camera.",
+            )  # fmt: skip
+        if e.use_viewport and region.view_perspective != "CAMERA":
             values.update(viewport_view(region, mapping))
-        else:
+        else:  # the scene camera (also when the viewport looks through it)
             values.update(camera_view(scene, scene.camera, mapping))
     elif kind == "mask":
         image = world_mask(world)
