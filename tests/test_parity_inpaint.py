@@ -36,16 +36,14 @@ def _wrap(tokens: torch.Tensor, n_h: int, n_w: int) -> torch.Tensor:
     )
 
 
-def reference_inpaint(flux_dir, lora_dir, prompt, source_u8, mask_u8, noise, strength, steps, guidance=2.8):
-    """FluxInpaintPipeline's algorithm with DiT360's wrap padding; the decoded image (3, H, W)."""
+def diffusers_inpaint_pipeline(flux_dir, lora_dir):
+    """diffusers' FluxInpaintPipeline of the tiny FLUX.1-dev folders in float32, DiT360's LoRA loaded."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxInpaintPipeline,
         FluxTransformer2DModel,
     )
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-    from diffusers.pipelines.flux.pipeline_flux_inpaint import retrieve_latents
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     f32 = torch.float32
@@ -59,6 +57,16 @@ def reference_inpaint(flux_dir, lora_dir, prompt, source_u8, mask_u8, noise, str
         transformer=FluxTransformer2DModel.from_pretrained(flux_dir / "transformer", torch_dtype=f32),
     )
     pipe.load_lora_weights(str(lora_dir), weight_name="adapter_model.safetensors")
+    return pipe
+
+
+def reference_inpaint(pipe, prompt, source_u8, mask_u8, noise, strength, steps, guidance=2.8, wrap_mask=True):
+    """FluxInpaintPipeline's algorithm with DiT360's wrap padding; the decoded image (3, H, W) and
+    the number of steps run. `wrap_mask=False`: the mask's pad columns keep the source instead (a
+    plausible mistake, to show the mask's padding matters)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.flux.pipeline_flux_inpaint import retrieve_latents
+
     height, width = source_u8.shape[:2]
     n_h, n_w = height // 16, width // 16
     with torch.no_grad():
@@ -96,6 +104,10 @@ def reference_inpaint(flux_dir, lora_dir, prompt, source_u8, mask_u8, noise, str
             None,
         )
         mask = _wrap(mask, n_h, n_w)
+        if not wrap_mask:
+            mask = mask.reshape(1, n_h, n_w + 2, -1)
+            mask[:, :, [0, -1]] = 0.0
+            mask = mask.reshape(1, n_h * (n_w + 2), -1)
         ids = pipe._prepare_latent_image_ids(1, n_h, n_w, "cpu", torch.float32).reshape(n_h, n_w, 3)
         ids = torch.cat([ids[:, -1:], ids, ids[:, :1]], dim=1).reshape(-1, 3)
 
@@ -139,6 +151,11 @@ def _block_mask(seed: int = 5) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
+def reference_pipe(tiny_models):
+    return diffusers_inpaint_pipeline(tiny_models["flux"], tiny_models["lora"].parent)
+
+
+@pytest.fixture(scope="module")
 def ours(tiny_paths):
     # vae_wrap off: the reference decodes with zero padding at the left/right edges
     return DiT360Pipeline.load(tiny_paths, device="cpu", dtype="fp32", vae_wrap=False)
@@ -150,12 +167,10 @@ def _tensors(source_u8: np.ndarray, mask_u8: np.ndarray) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_parity_inpaint_with_diffusers_algorithm(tiny_models, ours, strength):
+def test_parity_inpaint_with_diffusers_algorithm(reference_pipe, ours, strength):
     source_u8, mask_u8 = _source(), _block_mask()
     noise = get_noise(SEED, HEIGHT, WIDTH)
-    expected, n_steps = reference_inpaint(
-        tiny_models["flux"], tiny_models["lora"].parent, PROMPT, source_u8, mask_u8, noise, strength, STEPS
-    )
+    expected, n_steps = reference_inpaint(reference_pipe, PROMPT, source_u8, mask_u8, noise, strength, STEPS)
     source, mask = _tensors(source_u8, mask_u8)
     request = EditRequest(prompt=PROMPT, seed=SEED, steps=STEPS, strength=strength)
     seen = []
@@ -209,3 +224,18 @@ def test_latent_mask_covers_every_marked_pixel():
     assert lat.shape == (HEIGHT // 8, WIDTH // 8)
     assert lat[13 // 8, 37 // 8] == 1 and lat[5, 11:13].eq(1).all() and lat[50 // 8, 10 // 8] == 0
     assert lat.sum() == 1 + 2
+
+
+def test_the_masks_wrap_padding_matters(reference_pipe, ours):
+    """The mask marks column 0 but not the last one: its wrapped pad columns differ from a mask padded
+    with 'keep', and only the wrapped one is what ours does."""
+    source_u8, mask_u8 = _source(), _block_mask()
+    noise = get_noise(SEED, HEIGHT, WIDTH)
+    kept, _ = reference_inpaint(reference_pipe, PROMPT, source_u8, mask_u8, noise, 1.0, 2, wrap_mask=False)
+    source, mask = _tensors(source_u8, mask_u8)
+    result = inpaint(
+        ours, EditRequest(prompt=PROMPT, seed=SEED, steps=2), source, mask, noise=noise, composite=False
+    )
+    err = ((result.image.double() - kept.double()).abs().max() / kept.double().abs().max()).item()
+    print(f"mask padded with keep instead of the wrap: relative error {err:.2e}")
+    assert err > 1e-3, err
