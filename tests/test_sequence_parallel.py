@@ -91,3 +91,16 @@ def test_a_cancel_on_rank_0_stops_every_rank_before_the_same_step(sharded):
     assert [r[0] for r in report["cancel3"]["per_rank"]] == [2, 2, 2]
     assert "cancel3.final" not in got
     assert torch.allclose(got["cancel3.step2"], steps[1], atol=TOL)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_ring_block_attention_and_its_log_sum_exp_equal_float64_math(fused):
+    from dit360_blender.pipeline import sequence_parallel as S
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 3, n, 16, generator=g) for n in (11, 29, 29))
+    out, lse = (S._fused_attention if fused else S._math_attention)(q, k, v)
+    scores = q.double() @ k.double().transpose(-1, -2) / 4.0
+    assert (lse.squeeze(-1) - torch.logsumexp(scores, -1)).abs().max() < 1e-5
+    assert (out - torch.softmax(scores, -1) @ v.double()).abs().max() < 1e-5
+    assert S._fused_agrees(q)  # the probe accepts the CPU kernel (and so the ring runs fused here)

@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--compile", default="off", choices=("off", "on", "auto"))
+    parser.add_argument(
+        "--sp-modes",
+        default="auto",
+        help="attention modes per group size: auto,ulysses,ring (forced modes run "
+        "their all-to-all / ring code even on one rank, so one GPU checks them)",
+    )
     parser.add_argument("--no-worker", action="store_true", help="skip the whole-job runs through the worker")
     parser.add_argument("--work", type=Path, default=None, help="reuse/keep the synthetic model set here")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -68,14 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     _free(cuda)
     for n in [int(x) for x in args.ranks.split(",") if x.strip()]:
         devices = [f"cuda:{i}" for i in range(n)] if cuda else ["cpu"] * n
-        entry = results["ranks"][str(n)] = _in_process(paths, devices, load, request, cuda, one["image"])
-        print(f"[{n} ranks] {json.dumps(entry)}", flush=True)
-        _save(args.out, results)
+        for mode in [m.strip() for m in args.sp_modes.split(",") if m.strip()]:
+            name = str(n) if mode == "auto" else f"{n}-{mode}"
+            try:
+                entry = _in_process(
+                    paths, devices, {**load, "sequence_parallel": mode}, request, cuda, one["image"]
+                )
+            except Exception as exc:  # one failing variant must not lose the others' numbers
+                entry = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
+            results["ranks"][name] = entry
+            print(f"[{name} ranks] {json.dumps(entry)}", flush=True)
+            _save(args.out, results)
     if not args.no_worker:
         for n in [int(x) for x in args.ranks.split(",") if x.strip()]:
             device = ("cuda:0" if n == 1 else "cuda:" + ",".join(map(str, range(n)))) if cuda else f"cpu:{n}"
-            results["ranks"][str(n)]["worker_job"] = _worker_job(work, device, load, request, args.out)
-            print(f"[{n} ranks, worker] {json.dumps(results['ranks'][str(n)]['worker_job'])}", flush=True)
+            entry = results["ranks"].setdefault(str(n), {})
+            try:
+                entry["worker_job"] = _worker_job(work, device, load, request, args.out)
+            except Exception as exc:
+                entry["worker_job"] = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"[{n} ranks, worker] {json.dumps(entry['worker_job'])}", flush=True)
             _save(args.out, results)
     print(json.dumps(results, indent=1))
     return 0

@@ -111,6 +111,10 @@ class SequenceParallel:
             return self.mode
         return "ulysses" if num_heads % self.world == 0 else "ring"
 
+    def describe(self, num_heads: int) -> str:
+        """What the metadata says: the attention mode, "none" for one rank in auto mode."""
+        return "none" if self.world == 1 and self.mode == "auto" else self.mode_for(num_heads)
+
     # -- attention -------------------------------------------------------------------------------
 
     @torch.compiler.disable  # compiled blocks run the collectives eagerly, between compiled parts
@@ -118,7 +122,7 @@ class SequenceParallel:
         """flux_layers.attention for this rank's tokens: q, k, v (b, heads, n_local, d), `pe` the
         local tokens' RoPE; returns (b, n_local, heads * d) as one process would for these tokens."""
         q, k = apply_rope(q, k, pe)
-        if self.world == 1:
+        if self.world == 1 and self.mode == "auto":  # a forced mode runs its code even alone (bench)
             x = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
         elif self.mode_for(q.shape[1]) == "ulysses":
             x = self._ulysses(q, k, v)
@@ -158,10 +162,8 @@ class SequenceParallel:
         """Keys/values travel the ring (to rank+1, from rank-1) while this rank attends to the block
         it holds; the partial results are merged exactly by their log-sum-exp."""
         world, rank, sizes = self.world, self.rank, self.sizes
-        scale = q.shape[-1] ** -0.5
-        qf = q.float() * scale
-        out = torch.zeros(qf.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full((*qf.shape[:-1], 1), float("-inf"), dtype=torch.float32, device=q.device)
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((*q.shape[:-1], 1), float("-inf"), dtype=torch.float32, device=q.device)
         kv = torch.stack((k, v)).contiguous()
         for step in range(world):
             pending, incoming = None, None
@@ -174,12 +176,7 @@ class SequenceParallel:
                         dist.P2POp(dist.irecv, incoming, self._global[(rank - 1) % world], self.group),
                     ]
                 )
-            scores = qf @ kv[0].float().transpose(-1, -2)
-            block_max = scores.amax(dim=-1, keepdim=True)
-            weights = torch.exp(scores - block_max)
-            total = weights.sum(dim=-1, keepdim=True)
-            block_out = (weights @ kv[1].float()) / total
-            block_lse = block_max + torch.log(total)
+            block_out, block_lse = block_attention(q, kv[0], kv[1])
             merged = torch.logaddexp(lse, block_lse)
             out = out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged)
             lse = merged
@@ -213,6 +210,55 @@ class SequenceParallel:
         if self.rank != 0:
             return None
         return torch.cat([p[:, :count] for p, count in zip(pieces, counts)], dim=1)
+
+
+def block_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(d)) v for one block of keys, and its log-sum-exp (b, h, n, 1), both
+    float32. A fused kernel that returns the log-sum-exp (PyTorch's memory-efficient attention on
+    CUDA, its flash kernel on the CPU) where it agrees with the plain math on a probe (checked once
+    per device type and dtype), else the plain math."""
+    key = (q.device.type, q.dtype)
+    if key not in _FUSED_OK:
+        _FUSED_OK[key] = _fused_agrees(q)
+    if _FUSED_OK[key]:
+        out, lse = _fused_attention(q, k, v)
+        return out.float(), lse
+    return _math_attention(q, k, v)
+
+
+_FUSED_OK: dict[tuple, bool] = {}
+
+
+def _math_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2)
+    block_max = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - block_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    return (weights @ v.float()) / total, block_max + torch.log(total)
+
+
+def _fused_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+    return out, lse[..., : q.shape[2]].float().unsqueeze(-1)  # CUDA pads the rows to 32
+
+
+def _fused_agrees(like: Tensor) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn((1, 2, n, like.shape[-1]), generator=generator).to(like.device, like.dtype)
+        for n in (37, 53, 53)
+    )
+    try:
+        out, lse = _fused_attention(q, k, v)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    ref_out, ref_lse = _math_attention(q, k, v)
+    tol = 1e-4 if like.dtype == torch.float32 else 3e-2
+    return bool((out.float() - ref_out).abs().max() <= tol and (lse - ref_lse).abs().max() <= tol)
 
 
 @contextmanager
@@ -366,7 +412,7 @@ def generate_sharded(
         "noise": "torch CPU generator, float32",
         "transformer_evaluations": caches[0].full_evaluations if caches else request.steps,
         "ranks": sp.world,
-        "sequence_parallel": sp.mode_for(pipe.transformer.num_heads) if sp.world > 1 else "none",
+        "sequence_parallel": sp.describe(pipe.transformer.num_heads),
     }
     return Generation(image=image, request=request, metadata=metadata, timings=timings)
 

@@ -120,13 +120,15 @@ def _backend(devices: list[str]) -> str:
 class RankGroup:
     """Ranks 1..N-1 as child processes and this process as rank 0 of their group."""
 
-    def __init__(self, devices: list[str], paths: dict, load_kwargs: dict) -> None:
+    def __init__(self, devices: list[str], paths: dict, load_kwargs: dict, mode: str = "auto") -> None:
         self.devices = devices
+        self.mode = mode  # the attention: auto (Ulysses where the heads divide, else ring), ulysses, ring
         self.world = len(devices)
         self.backend = _backend(devices)
         self.load = {
             "paths": {k: None if v is None else str(v) for k, v in paths.items()},
             "kwargs": load_kwargs,
+            "mode": mode,
         }
         self.dir = Path(tempfile.mkdtemp(prefix="dit360-ranks-"))  # 0700: ours alone
         self.helpers: list = []  # (process, conn) of ranks 1..N-1
@@ -150,6 +152,7 @@ class RankGroup:
         if dist.is_initialized():  # a group left behind by a failed start
             dist.destroy_process_group()
         ctx = multiprocessing.get_context("spawn")
+        _windowless(ctx)
         store = str(self.dir / "store")
         for rank in range(1, self.world):
             here, there = ctx.Pipe()
@@ -179,7 +182,7 @@ class RankGroup:
             timeout=COLLECTIVE_TIMEOUT,
         )  # fmt: skip
         control = dist.new_group(backend="gloo") if self.backend != "gloo" else None
-        self.sp = SequenceParallel(None, control)
+        self.sp = SequenceParallel(None, control, self.mode)
         logger.info("rank group of %d started on %s (%s)", self.world, ", ".join(self.devices), self.backend)
 
     def wait_ready(self) -> None:
@@ -281,6 +284,16 @@ class RankGroup:
         logger.info("rank group stopped")
 
 
+def _windowless(ctx) -> None:
+    """On Windows the worker runs without a console (CREATE_NO_WINDOW), and python.exe started from
+    it would open a console window per rank; pythonw.exe, beside it, opens none."""
+    if sys.platform != "win32":
+        return
+    pythonw = Path(sys.executable).with_name("pythonw.exe")
+    if pythonw.is_file():
+        ctx.set_executable(str(pythonw))
+
+
 def _leave_group(abort: bool) -> None:
     import torch.distributed as dist
 
@@ -322,11 +335,15 @@ def _define_parallel_pipeline():
         broken = False
 
         @classmethod
-        def load(cls, paths, device: str | list[str] = "cpu:2", **kwargs) -> ParallelPipeline:
+        def load(
+            cls, paths, device: str | list[str] = "cpu:2", sequence_parallel: str = "auto", **kwargs
+        ) -> ParallelPipeline:
+            """`device`: a multi-device setting or a list of devices (one is allowed: a one-rank
+            group); `sequence_parallel` forces the attention mode (the bench's checks)."""
             devices = device if isinstance(device, list) else rank_devices(device)
             if not devices:
                 raise DeviceError(f"Device {device!r} is one device.", "Use the one-device pipeline.")
-            group = RankGroup(devices, paths.as_dict(), kwargs)
+            group = RankGroup(devices, paths.as_dict(), kwargs, sequence_parallel)
             try:
                 group.start()
                 pipe = super().load(paths, device=devices[0], **kwargs)
@@ -335,7 +352,7 @@ def _define_parallel_pipeline():
                 group.close(force=True)
                 raise
             pipe.group = group
-            mode = group.sp.mode_for(pipe.transformer.num_heads) if group.world > 1 else "none"
+            mode = group.sp.describe(pipe.transformer.num_heads)
             pipe.model_info.update(device=devices[0].split(":")[0], devices=devices, sequence_parallel=mode)
             return pipe
 
@@ -431,7 +448,7 @@ def _join_and_load(rank: int, world: int, backend: str, device: str, store: str,
         backend, store=dist.FileStore(store, world), rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
     )
     control = dist.new_group(backend="gloo") if backend != "gloo" else None
-    sp = SequenceParallel(None, control)
+    sp = SequenceParallel(None, control, load.get("mode", "auto"))
     paths = ModelPaths(**{k: None if v is None else Path(v) for k, v in load["paths"].items()})
     kwargs = dict(load["kwargs"])
     kwargs["loras"] = [tuple(item) for item in kwargs.get("loras", ())]
