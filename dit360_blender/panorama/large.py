@@ -30,6 +30,9 @@ half-float array (6 bytes per pixel) and what the OpenEXR library buffers for it
 from __future__ import annotations
 
 import math
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -43,6 +46,7 @@ from .sun import SunDetection, SunParams, _cap_diameter, _Geometry, angles_from_
 __all__ = ["ANALYSIS_WIDTH", "Environment", "analysis_copy", "detect_sun_large", "expand_large"]
 
 ANALYSIS_WIDTH = 2048
+BAND_THREADS = 4  # threads computing an Environment's bands ahead of its writer
 
 
 def analysis_factor(width: int) -> int:
@@ -167,9 +171,25 @@ class Environment:
         return out
 
     def bands(self):
-        """(start, stop, band) over the whole image."""
-        for rows in row_bands(self.shape[0], self.shape[1]):
-            yield rows.start, rows.stop, self.band(rows.start, rows.stop)
+        """(start, stop, band) over the whole image, in order. The bands are computed a few ahead on
+        worker threads (numpy releases the GIL in its array work): the writers are then bound by
+        the cores, not by one; at most 2 x threads bands (~6 MB each) wait at a time."""
+        slices = row_bands(self.shape[0], self.shape[1])
+        threads = max(1, min(BAND_THREADS, os.cpu_count() or 1, len(slices)))
+        if threads == 1:
+            for rows in slices:
+                yield rows.start, rows.stop, self.band(rows.start, rows.stop)
+            return
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dit360-band") as pool:
+            pending: deque = deque()
+            for rows in slices:
+                pending.append((rows, pool.submit(self.band, rows.start, rows.stop)))
+                if len(pending) >= 2 * threads:
+                    done, future = pending.popleft()
+                    yield done.start, done.stop, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done.start, done.stop, future.result()
 
     def upper_bound(self) -> float:
         """A bound on every value, without a pass over the image: the curve is monotone in the
