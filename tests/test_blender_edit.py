@@ -127,7 +127,7 @@ def test_paint_mask_then_regenerate_masked(edit):
     assert d["world_unchanged_after_empty"]
     entry = child_of(d, "mask", view["png"])
     assert entry["edit"]["mask"] == d["mask_file"] and d["mask_saved"]  # the strokes reached the file
-    painted = masks.mask_from_image(png(d["mask_file"]))
+    painted = masks.mask_from_image(png(d["mask_copy"]))  # the file as the edit read it
     # the white rectangle painted (Blender's rows 8-15 from the bottom: rows 16-23 from the top)
     assert painted[16:24, 8:21].min() == 1.0 and painted.mean() < 0.2
     mask = masks.feather_mask(masks.resize_mask(painted, 128, 64), 4.0)
@@ -178,3 +178,13 @@ def test_photo_to_panorama_keeps_the_photo_and_a_failure_changes_nothing(edit):
     expected = np.clip(np.rint(placed.rgb), 0, 255).astype(np.uint8)
     assert covered.sum() > 50
     assert np.array_equal(result[covered], expected[covered])  # the photo's pixels as projected
+
+
+def test_painted_strokes_survive_save_reload_and_packing(edit):
+    d = step(edit, "mask_file")
+    assert d["dirty_before_save"] and not d["dirty_after_save"]  # saving the .blend wrote the mask
+    painted = masks.mask_from_image(png(d["mask_file"]))
+    assert painted[26:30, 40:50].min() == 1.0  # Blender's rows 2-5 from the bottom of 32
+    assert d["mask_after_reload"] == "DiT360 Mask (UserWorld)"  # still the World's mask
+    assert d["strokes_after_reload"] == 1.0 and d["rest_after_reload"] == 0.0
+    assert d["still_packed"] and png(d["packed_copy"])[26:30, 40:50].min() == 255

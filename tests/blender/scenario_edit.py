@@ -15,6 +15,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -227,6 +228,7 @@ def step_mask(data: dict) -> None:
     image = api().edit_world("mask", "This is a panorama image. A lake", seed=5, steps=2, feather=4.0)
     data.update(result_record(image))
     data["mask_saved"] = bool(not mask.is_dirty)
+    data["mask_copy"] = str(shutil.copyfile(data["mask_file"], Path(CFG["work"]) / "mask-at-edit.png"))
     data["panel"] = panel_log()
     undo_back(data, ctx["world"])
 
@@ -271,8 +273,38 @@ def step_photo(data: dict) -> None:
     TIMERS.pump(lambda: not mod("pump").PUMP.link.closing, timeout=30)
 
 
+def step_mask_file(data: dict) -> None:
+    """Painted strokes survive a save, a reload and packing: the file is written on save."""
+    world = bpy.data.worlds[ctx["world"]]
+    mask = world["dit360_mask"]
+    w, h = mask.size
+    pixels = np.zeros((h, w, 4), np.float32)
+    pixels[..., 3] = 1.0
+    pixels[2:6, 40:50, :3] = 1.0  # new strokes, not saved by anyone
+    mask.pixels.foreach_set(pixels.ravel())
+    data["dirty_before_save"] = mask.is_dirty
+    blend = Path(CFG["work"]) / "edited.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    mask = bpy.data.worlds[ctx["world"]]["dit360_mask"]
+    data["dirty_after_save"] = mask.is_dirty
+    path = bpy.path.abspath(mask.filepath)
+    data["mask_file"] = path
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+    world = bpy.data.worlds[ctx["world"]]
+    mask = world.get("dit360_mask")
+    data["mask_after_reload"] = None if mask is None else mask.name
+    back = np.empty(len(mask.pixels), np.float32)
+    mask.pixels.foreach_get(back)
+    data["strokes_after_reload"] = back.reshape(h, w, 4)[2:6, 40:50, :3].min().item()
+    data["rest_after_reload"] = float(back.reshape(h, w, 4)[..., :3].sum() - 4 * 10 * 3)
+    mask.pack()
+    copy = mod("edit_ops").save_mask(mask)  # a packed mask: written as a copy, still packed
+    data["packed_copy"] = str(copy)
+    data["still_packed"] = mask.packed_file is not None
+
+
 ORDER = [("install", step_install), ("view", step_view), ("cancel", step_cancel), ("mask", step_mask), ("seam", step_seam),
-         ("photo", step_photo)]  # fmt: skip
+         ("photo", step_photo), ("mask_file", step_mask_file)]  # fmt: skip
 
 if __name__ == "__main__":
     for name, fn in ORDER:
