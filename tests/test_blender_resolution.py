@@ -105,6 +105,9 @@ def test_an_upscale_joins_its_entry_and_the_world_shows_the_larger_exr(run):
     assert d["entry_file"] == run["big"]["path"]
     assert d["world"] == str(Path(big["lighting_exr"]).resolve())
     assert any(t.startswith("Sizes: 256px · 128px") for t in _texts(d["history_panel"]))
+    # the entry's thumbnail is the native PNG's; the upscale's (16K in real use) is never loaded
+    assert f"history:{Path(run['native']['path']).resolve()}" in d["thumbnails"]
+    assert not any("pano_4k" in key for key in d["thumbnails"])
 
 
 def test_reapplying_from_the_history_shows_the_largest(run):

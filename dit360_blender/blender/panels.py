@@ -10,7 +10,7 @@ from pathlib import Path
 
 import bpy
 
-from . import history, lighting, paths, resolution_ui
+from . import history, lighting, paths, resolution, resolution_ui
 from . import world as world_nodes
 from .common import runtime
 from .prefs import schedule_checks
@@ -292,7 +292,7 @@ class DIT360_PT_history(bpy.types.Panel):
         if not 0 <= index < len(settings.history):
             return
         entry = settings.history[index]
-        icon_id = _thumbnail(entry.filepath)
+        icon_id = _thumbnail(resolution.smallest_file(entry))  # the 2K one, not a 16K upscale
         if icon_id:
             layout.template_icon(icon_value=icon_id, scale=6.0)
         col = layout.column(align=True)

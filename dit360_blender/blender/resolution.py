@@ -85,6 +85,12 @@ def merge_upscale(scene: bpy.types.Scene, event: dict) -> bpy.types.PropertyGrou
     return entry
 
 
+def smallest_file(entry: bpy.types.PropertyGroup) -> str:
+    """The stored path of the entry's smallest size (its native panorama): what its thumbnail and an
+    upscale start from; a 16K PNG would take seconds and a gigabyte to thumbnail."""
+    return entry.sizes[len(entry.sizes) - 1].filepath if len(entry.sizes) else entry.filepath
+
+
 def size_labels(entry: bpy.types.PropertyGroup) -> list[str]:
     """'16K', '4K', '2K' ... of the entry's sizes, widest first (the entry's own size without any)."""
     widths = [item.width for item in entry.sizes] or [entry.width]

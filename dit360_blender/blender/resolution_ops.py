@@ -13,7 +13,7 @@ from bpy.props import IntProperty
 
 from ..client import Job
 from ..params import UPSCALE, for_job
-from . import output, paths
+from . import output, paths, resolution
 from .common import prefs, tag_redraw
 from .errors import GenerationError
 from .generation import Generation, _reset_state, scene_loras
@@ -26,8 +26,7 @@ _UPSCALE_NAMES = {p.name for p in for_job(UPSCALE)}
 
 def native_file(entry: bpy.types.PropertyGroup) -> Path:
     """The entry's smallest size: the panorama the generation made (what an upscale starts from)."""
-    stored = entry.sizes[len(entry.sizes) - 1].filepath if len(entry.sizes) else entry.filepath
-    return Path(paths.resolve(stored))
+    return Path(paths.resolve(resolution.smallest_file(entry)))
 
 
 def start_upscale(scene: bpy.types.Scene, entry: bpy.types.PropertyGroup, **overrides: object) -> Generation:

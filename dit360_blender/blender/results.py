@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import bpy
 
-from . import history, lighting
+from . import history, lighting, paths, resolution
 from .thumbnails import THUMBNAILS
 
 
@@ -47,7 +47,9 @@ def apply_result(
         scene.world = target
     lighting.sync_suns(target)  # every scene that shares the World gets its Sun, not only this one
     history.record(scene, params, event, image, seconds)
-    THUMBNAILS.load(f"history:{event['path']}", event["path"])
+    # the entry's thumbnail is its smallest size's (an upscale joins an entry: its 16K PNG is not loaded)
+    thumb = paths.resolve(resolution.smallest_file(settings.history[settings.history_index]))
+    THUMBNAILS.load(f"history:{thumb}", thumb)
     return image
 
 

@@ -99,6 +99,8 @@ def step_upscale(data: dict) -> None:
     data["entry_file"] = entry.filepath
     data["world"] = shown()
     data["history_panel"] = draw("DIT360_PT_history")
+    collection = mod("thumbnails").THUMBNAILS.collection
+    data["thumbnails"] = sorted(collection.keys()) if collection is not None else None
 
 
 def step_reapply(data: dict) -> None:
