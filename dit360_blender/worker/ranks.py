@@ -135,6 +135,7 @@ class RankGroup:
         self.sp = None
         self.closed = False
         self.last_reports: list[dict] = []
+        self.in_job = threading.Event()  # set while rank 0 samples with the others
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -184,6 +185,19 @@ class RankGroup:
         control = dist.new_group(backend="gloo") if self.backend != "gloo" else None
         self.sp = SequenceParallel(None, control, self.mode)
         logger.info("rank group of %d started on %s (%s)", self.world, ", ".join(self.devices), self.backend)
+        if self.backend == "nccl" and self.helpers:
+            threading.Thread(target=self._watch, name="rank-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """NCCL: a collective (or the CUDA sync after it) waiting on a rank that died may never
+        return, so a death during a job aborts the group's communicators, which makes the waiting
+        call fail at once (gloo fails by itself: the dead rank's sockets close)."""
+        sentinels = [process.sentinel for process, _conn in self.helpers]
+        while not self.closed:
+            if connection.wait(sentinels, timeout=0.5) and not self.closed and self.in_job.is_set():
+                logger.error("a rank died during the job: aborting the group's collectives")
+                _leave_group(abort=True)
+                return
 
     def wait_ready(self) -> None:
         for rank in range(1, self.world):
@@ -363,6 +377,7 @@ def _define_parallel_pipeline():
             self.group.dispatch(
                 {"type": "generate", "request": asdict(request), "step_latents": step_latents}
             )
+            self.group.in_job.set()
             try:
                 generation = generate_sharded(
                     self, request, self.group.sp, on_step=on_step, should_cancel=should_cancel,
@@ -376,6 +391,8 @@ def _define_parallel_pipeline():
             except BaseException as exc:
                 self.broken = True
                 raise self.group.failure_after(exc) from exc
+            finally:
+                self.group.in_job.clear()
             reports = self._collect()
             generation.metadata["rank_peak_bytes"] = [r.get("peak_bytes") for r in reports]
             return generation
