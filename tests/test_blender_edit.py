@@ -167,7 +167,7 @@ def test_photo_to_panorama_keeps_the_photo_and_a_failure_changes_nothing(edit):
     assert code == "bad_parameters" and "EXIF" in message and "field of view" in hint
     assert d["world_unchanged_after_error"] and d["history_unchanged_after_error"]
     assert d["preview_worlds_left"] == []
-    assert d["operator"] == ["FINISHED"]
+    assert d["operator"] == ["FINISHED"] and d["panel_photo"] == edit["out"]["_meta"]["cfg"]["photo"]
     entry = child_of(d, "photo", edit["out"]["_meta"]["cfg"]["photo"])
     assert entry["edit"]["hfov"] == PHOTO_HFOV and entry["edit"]["yaw"] == PHOTO_YAW
     placed = projection.photo_to_equirect(

@@ -461,6 +461,21 @@ class DIT360_OT_photo_to_panorama(_EditOperator):
     bl_label = "Photo to Panorama"
     kind = "photo"
 
+    filepath: StringProperty(name="Photo", subtype="FILE_PATH", options={"SKIP_SAVE"})
+    filter_image: BoolProperty(default=True, options={"HIDDEN", "SKIP_SAVE"})
+    filter_folder: BoolProperty(default=True, options={"HIDDEN", "SKIP_SAVE"})
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        if context.scene.dit360_edit.photo.strip():
+            return self.execute(context)
+        context.window_manager.fileselect_add(self)  # no photo chosen yet: pick one
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        if self.filepath:
+            context.scene.dit360_edit.photo = self.filepath
+        return super().execute(context)
+
 
 class DIT360_OT_repair_seam(_EditOperator):
     """Repair the World's 0°/360° seam: a band over it is regenerated, everything else stays"""

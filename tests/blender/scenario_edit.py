@@ -259,14 +259,15 @@ def step_photo(data: dict) -> None:
     data["preview_worlds_left"] = [w.name for w in bpy.data.worlds if w.name.startswith("DiT360 Preview")]
     # through the operator, the field of view given
     scene = bpy.context.scene
-    scene.dit360_edit.photo = CFG["photo"]
+    scene.dit360_edit.photo = ""  # the operator's file browser gives it (its filepath)
     scene.dit360_edit.photo_hfov = CFG["photo_hfov"]
     scene.dit360_edit.yaw, scene.dit360_edit.pitch = CFG["photo_yaw"], 0.0
     scene.dit360.randomize_seed = False
     scene.dit360.seed = 21
     scene.dit360.steps = 2
     scene.dit360.width, scene.dit360.height = CFG["photo_size"]
-    data["operator"] = sorted(bpy.ops.dit360.photo_to_panorama(wait=True))
+    data["operator"] = sorted(bpy.ops.dit360.photo_to_panorama(filepath=CFG["photo"], wait=True))
+    data["panel_photo"] = scene.dit360_edit.photo
     image = env_image(world)
     data.update(result_record(image))
     api().stop_worker()
