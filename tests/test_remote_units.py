@@ -12,7 +12,7 @@ import pytest
 
 from dit360_blender.protocol import CHUNK_BYTES, ProtocolError
 from dit360_blender.transfer import Download, TransferError, chunk_fields
-from dit360_blender.worker.serve import ResultStore, UploadStore
+from dit360_blender.worker.serve import MAX_UPLOADS, ResultStore, UploadStore
 
 
 def _result(store: ResultStore, job_id: str, size: int) -> dict:
@@ -89,6 +89,11 @@ def test_uploads_arrive_in_order_with_checksums_or_are_refused_and_forgotten(tmp
     with pytest.raises(ProtocolError, match="at most"):
         uploads.begin("y", "big.png", 1 << 40, "0" * 64)
     assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["u"]
+    # and how many: empty uploads can't pile up folders
+    for n in range(MAX_UPLOADS - 1):
+        uploads.begin(f"e{n}", "empty.png", 0, hashlib.sha256(b"").hexdigest())
+    with pytest.raises(ProtocolError, match="its most"):
+        uploads.begin("one-more", "empty.png", 0, hashlib.sha256(b"").hexdigest())
 
 
 def _serve(files: dict[str, bytes], requests: list[dict], corrupt: set | None = None) -> list[dict]:

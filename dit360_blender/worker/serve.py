@@ -48,6 +48,7 @@ logger = logging.getLogger("dit360_blender.worker")
 
 DEFAULT_PORT = SERVE_PORT
 UPLOAD_KEEP_S = 3600.0  # an upload no job used is removed after this
+MAX_UPLOADS = 64  # uploads held at once (an edit sends two or three)
 REFUSED_UPLOADS_KEPT = 256  # refused upload ids remembered (their later chunks are dropped quietly)
 
 
@@ -160,7 +161,9 @@ class UploadStore:
         if problem is None and not 0 <= size <= MAX_UPLOAD_BYTES:
             problem = f"{name} is {size} bytes; an upload is at most {MAX_UPLOAD_BYTES} bytes ({MAX_UPLOAD_BYTES >> 20} MiB)"
         with self._lock:
-            held = sum(u.size for u in self._uploads.values())
+            held, count = sum(u.size for u in self._uploads.values()), len(self._uploads)
+        if problem is None and count >= MAX_UPLOADS:
+            problem = f"the worker holds {count} uploads already, its most"
         if problem is None and held + size > MAX_UPLOADS_BYTES:
             problem = f"the worker holds {held >> 20} MiB of uploads; {size >> 20} MiB more is over its {MAX_UPLOADS_BYTES >> 20} MiB"
         if problem:
