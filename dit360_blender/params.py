@@ -303,8 +303,9 @@ PARAMS: tuple[Param, ...] = (
     # -- edit (issue 14): a source panorama, a mask that says where to regenerate, how strongly --
     Param(
         "source", "path", None, "Source",
-        "The equirectangular panorama to edit: an 8-bit PNG or JPEG, 2:1, a multiple of 16 pixels "
-        "(photo mode: optional, the panorama the photo is placed in; else one of width x height); "
+        "The equirectangular panorama to edit: an 8-bit 2:1 PNG or JPEG (a size that is not a multiple "
+        "of 16 is worked at the nearest one and composited back; photo mode: optional, the panorama the "
+        "photo is placed in, else one of width x height); "
         "for an upscale: the 2:1 PNG or JPEG to upscale",
         nullable=True, cli="", jobs=EDIT_JOB | {UPSCALE},
     ),

@@ -117,6 +117,24 @@ def test_mask_edit_through_the_worker(client, edit, files, tmp_path):
     assert np.abs(edited[inside].astype(int) - source[inside]).mean() > 5
 
 
+def test_a_source_of_any_2to1_size_is_worked_at_a_multiple_of_16(client, edit, files, tmp_path):
+    odd = _source(6)[2:62, 4:124]  # 120 x 60: worked at 128 x 64, composited back at 120 x 60
+    Image.fromarray(odd).save(tmp_path / "odd.png")
+    mask = np.zeros((60, 120), np.uint8)
+    mask[20:40, 50:80] = 255
+    mask[5, 7] = 255  # one pixel: still regenerated at the working size
+    Image.fromarray(mask).save(tmp_path / "odd_mask.png")
+    result, events = _run(
+        client, edit(source=tmp_path / "odd.png", mask=tmp_path / "odd_mask.png", feather=0.0)
+    )
+    edited = _png(result["path"])
+    assert edited.shape == (60, 120, 3) and (result["width"], result["height"]) == (120, 60)
+    assert result["metadata"]["work_size"] == [128, 64]
+    assert any(e["type"] == "preview" for e in events)
+    assert np.array_equal(edited[mask == 0], odd[mask == 0])
+    assert np.abs(edited[mask == 255].astype(int) - odd[mask == 255]).mean() > 5
+
+
 def test_view_and_seam_edits_through_the_worker(client, edit, files):
     result, _ = _run(client, edit(mask_kind="view", mask=None, yaw=90.0, pitch=10.0, hfov=50.0, aspect=1.5))
     source, edited = _png(files / "harbour.png"), _png(result["path"])

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..panorama import masks, projection
-from ..params import ParamError, check_values
+from ..params import SIZE_MULTIPLE, ParamError, check_values
 from .errors import BadParametersError
 from .output_files import slugify
 
@@ -50,6 +50,21 @@ class EditInputs:
     @property
     def height(self) -> int:
         return int(self.canvas.shape[0])
+
+    @property
+    def work_size(self) -> tuple[int, int]:
+        """(width, height) the model works at: the canvas's own size when it is a multiple of 16,
+        else the nearest 2:1 size that is (the result is resampled back and composited at the
+        canvas's size, so pixels outside the mask stay exact at any size)."""
+        return work_size(self.width, self.height)
+
+
+def work_size(width: int, height: int) -> tuple[int, int]:
+    """The nearest 2:1 size of multiples of 16 to a 2:1 `width` x `height` (itself when it is one)."""
+    if height % SIZE_MULTIPLE == 0 and width == 2 * height:
+        return width, height
+    h = max(SIZE_MULTIPLE, int(round(height / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+    return 2 * h, h
 
 
 def read_edit_inputs(p: Mapping[str, Any]) -> EditInputs:
@@ -132,10 +147,16 @@ def read_image(path: str, what: str, transpose: bool = False) -> np.ndarray:
 def _read_source(path: str) -> np.ndarray:
     rgb = read_image(path, "source")
     height, width = rgb.shape[:2]
-    try:
-        check_values({"width": width, "height": height})  # 2:1, multiples of 16, the size limits
+    if width != 2 * height:
+        raise BadParametersError(
+            f"The source {path} is {width}x{height}, not 2:1: an equirectangular panorama is twice as "
+            "wide as tall.",
+            f"Give a 2:1 panorama (e.g. {2 * height}x{height}); crop or pad it to 2:1 first.",
+        )
+    try:  # the size the model works at must be within the table's limits
+        check_values(dict(zip(("width", "height"), work_size(width, height), strict=True)))
     except ParamError as exc:
-        raise BadParametersError(f"The source {path}: {exc.message}", exc.hint) from None
+        raise BadParametersError(f"The source {path} is {width}x{height}: {exc.message}", exc.hint) from None
     return rgb
 
 
