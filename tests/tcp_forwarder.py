@@ -5,7 +5,7 @@ In a test (`Forwarder`): threads in the test process, with controls a real tunne
 see the worker's frames, `mutate` may change one worker -> client frame (a damaged chunk).
 
 As a program (the fake `ssh` of tests/test_remote_worker.py runs it): ``python tcp_forwarder.py
-LISTEN TARGET`` forwards until killed.
+LISTEN TARGET [LISTEN_HOST [TARGET_HOST]]`` forwards until killed (hosts default to 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -17,11 +17,17 @@ from collections.abc import Callable
 
 
 class Forwarder:
-    def __init__(self, target_port: int, listen_port: int = 0) -> None:
-        self.target_port = target_port
+    def __init__(
+        self,
+        target_port: int,
+        listen_port: int = 0,
+        listen_host: str = "127.0.0.1",
+        target_host: str = "127.0.0.1",
+    ) -> None:
+        self.target_port, self.target_host = target_port, target_host
         self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind(("127.0.0.1", listen_port))
+        self.server.bind((listen_host, listen_port))
         self.server.listen(16)
         self.port = self.server.getsockname()[1]
         self.refusing = False
@@ -43,7 +49,7 @@ class Forwarder:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                upstream = socket.create_connection((self.target_host, self.target_port))
             except OSError:
                 client.close()
                 continue
@@ -100,5 +106,7 @@ class Forwarder:
 
 
 if __name__ == "__main__":
-    forwarder = Forwarder(int(sys.argv[2]), int(sys.argv[1]))
+    hosts = sys.argv[3:5] + ["127.0.0.1"] * (2 - len(sys.argv[3:5]))
+    forwarder = Forwarder(int(sys.argv[2]), int(sys.argv[1]), hosts[0], hosts[1])
+    print("forwarding", flush=True)
     threading.Event().wait()
