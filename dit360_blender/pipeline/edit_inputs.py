@@ -183,6 +183,11 @@ def _open(path: str, what: str) -> Image.Image:
         raise BadParametersError(
             f"The {what} {path} does not exist.", f"Give the path of the {what} image file."
         ) from None
+    except Image.DecompressionBombError:  # Pillow's own limit, far beyond ours: refuse it alike
+        raise BadParametersError(
+            f"The {what} {path} has more pixels than an edit takes.",
+            "Give an image of at most 16384x8192 pixels.",
+        ) from None
     except (OSError, ValueError) as exc:  # a folder, no permission, not an image (UnidentifiedImageError)
         raise _unreadable(path, what, exc) from None
     if image.width * image.height > MAX_INPUT_PIXELS:
