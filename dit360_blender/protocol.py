@@ -143,7 +143,8 @@ MAX_PREVIEW_WIDTH, MAX_PREVIEW_HEIGHT = 512, 256
 TOKEN_ENV = "DIT360_WORKER_TOKEN"  # the per-launch secret travels in the environment, never in argv
 PORT_ANNOUNCE = "DIT360_WORKER_PORT"  # the worker's first stdout line: "DIT360_WORKER_PORT <port>"
 
-STAGES = ("loading", "encoding", "sampling", "decoding", "saving")
+# "upscaling"/"refining": an upscale job; its step/total count tiles (refine: tile-steps)
+STAGES = ("loading", "encoding", "sampling", "decoding", "saving", "upscaling", "refining")
 
 PING_INTERVAL_S = 2.0  # the client's ping period (see Heartbeats)
 HEARTBEAT_MISSES = 15  # silent intervals before a side gives up on the other

@@ -67,7 +67,7 @@ def read_source(path: Path | str) -> tuple[torch.Tensor, dict]:
     path = Path(path)
     with _open_source(path) as im:
         try:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.array(im.convert("RGB"))
         except (OSError, ValueError) as exc:
             raise _unreadable(path, exc) from None
     metadata = read_png_metadata(path) if path.suffix.lower() == ".png" else {}

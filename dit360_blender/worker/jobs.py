@@ -377,9 +377,16 @@ def _run_edit(runner: JobRunner, job: QueuedJob) -> None:
     run_edit(runner, job)
 
 
+def _run_upscale(runner: JobRunner, job: QueuedJob) -> None:
+    from .upscale_job import run_upscale  # spandrel and the upscale path load only for upscales
+
+    run_upscale(runner, job)
+
+
 # How each job kind (params.JOB_KINDS) runs: a function (runner, job) that sends the job's `result`
 # (through runner.send_result) or raises; a new kind adds its entry here (see /tmp/brief/job_kinds.md).
 JOB_KINDS_RUN: dict[str, Callable[[JobRunner, QueuedJob], None]] = {
     "generate": JobRunner._generate,
     "edit": _run_edit,
+    "upscale": _run_upscale,
 }
