@@ -289,6 +289,9 @@ def test_every_kind_is_a_message_and_every_param_names_known_kinds():
     for p in params.PARAMS:
         assert p.jobs and p.jobs <= set(params.JOB_KINDS), p.name
     assert set(KIND_BASE) == set(params.JOB_KINDS)
+    from dit360_blender.worker.jobs import JOB_KINDS_RUN  # the worker runs every kind it queues
+
+    assert set(JOB_KINDS_RUN) == set(params.JOB_KINDS)
     # the model and device settings are shared: a kind that samples takes all of them
     shared = {
         "seed",
