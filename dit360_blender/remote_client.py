@@ -255,13 +255,17 @@ class RemoteWorkerClient(WorkerClient):
     ) -> tuple[RemoteConnection, FrameDecoder, list]:
         cause = ""
         host, port = self._endpoint()  # a tunnel is started once: its death ends the attempt
+        tunnel = self._tunnel
+        said_before = tunnel.lines if tunnel is not None else 0  # what ssh says from here on is about us
         while True:
             try:
                 return self._connect(host, port, token, deadline, retry_busy)
             except _Retry as exc:
                 cause = str(exc)
-            tunnel = self._tunnel
-            if tunnel is not None and not tunnel.alive():
+            if tunnel is not None and (
+                not tunnel.alive() or (not retry_busy and tunnel.refused_remotely(said_before))
+            ):
+                time.sleep(0.2)  # let ssh's last words arrive
                 failure = tunnel.failure()
                 raise WorkerError("remote_unreachable", failure.message, failure.hint)
             if time.monotonic() > deadline:

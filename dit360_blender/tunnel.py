@@ -63,6 +63,7 @@ class SSHTunnel:
         self.ssh = ssh
         self.proc: subprocess.Popen | None = None
         self._stderr: deque[str] = deque(maxlen=20)
+        self.lines = 0  # lines ssh wrote so far (said_since(n): only the newer ones)
         self._drain: threading.Thread | None = None
 
     def command(self, ssh: str) -> list[str]:
@@ -110,6 +111,7 @@ class SSHTunnel:
             line = raw.decode("utf-8", "replace").strip()
             if line:
                 self._stderr.append(line)
+                self.lines += 1
         self.proc.stderr.close()
 
     def alive(self) -> bool:
@@ -118,6 +120,16 @@ class SSHTunnel:
     def said(self) -> str:
         """What ssh wrote to stderr so far (its last lines)."""
         return "\n".join(self._stderr)
+
+    def said_since(self, count: int) -> str:
+        """What ssh wrote after its first `count` lines."""
+        new = self.lines - count
+        return "\n".join(list(self._stderr)[-new:]) if new > 0 else ""
+
+    def refused_remotely(self, count: int) -> bool:
+        """ssh reported, after line `count`, that the far end refused the forwarded connection
+        (nothing listens on the worker's port there)."""
+        return "open failed" in self.said_since(count)
 
     def failure(self) -> TunnelError:
         """Why the tunnel is not there, in ssh's words."""
