@@ -90,6 +90,11 @@ RUNTIME_PINS = read_pins(REQUIREMENTS_DIR / "runtime.txt")
 _DEV_PINS = read_pins(REQUIREMENTS_DIR / "dev.txt")
 # dev.txt pins the runtime packages exactly and adds the test-only ones: the split is by name.
 DEV_RUNTIME_PINS = {name: req for name, req in _DEV_PINS.items() if name in RUNTIME_PINS}
+# Runtime packages the dev venv goes without (dev.txt says why: the super-resolution loader and the
+# torchvision it imports, tested in their own venv, .ci/sr_venv.py); the dev check skips them.
+NOT_IN_DEV_VENV = frozenset({"torchvision", "spandrel"})
+# Installed in torch's own pip command (same index), so pip picks the build made for that torch.
+TORCH_FAMILY = frozenset({"torch", "torchvision"})
 DEV_TEST_PINS = {name: req for name, req in _DEV_PINS.items() if name not in RUNTIME_PINS}
 
 # PyTorch's wheel indexes (override with --torch-index or --cuda). A driver runs wheels built for
@@ -274,6 +279,11 @@ def is_torch_req(req: str) -> bool:
     return requirement_name(req) == "torch"
 
 
+def is_torch_family_req(req: str) -> bool:
+    """torch or a package built for one torch release (torchvision): they go in one pip command."""
+    return requirement_name(req) in TORCH_FAMILY
+
+
 def _version(text: str) -> tuple[int, int] | None:
     match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", text)
     return (int(match[1]), int(match[2])) if match else None
@@ -388,8 +398,8 @@ def plan_pip_commands(
         base += ["--target", str(target), "--upgrade", "--prefer-binary"]
     if force:
         base.append("--force-reinstall")
-    torch_reqs = [r for r in reqs if is_torch_req(r)]
-    other = [r for r in reqs if not is_torch_req(r)]
+    torch_reqs = [r for r in reqs if is_torch_family_req(r)]
+    other = [r for r in reqs if not is_torch_family_req(r)]
     if torch_index and torch_reqs:
         cmds = [base + ["--index-url", torch_index] + torch_reqs]
         if other:
@@ -552,7 +562,8 @@ def check_names(dev: bool, packages: list[str] | None) -> tuple[list[str], list[
     for wanted, pins in ((False, RUNTIME_PINS), (True, DEV_TEST_PINS)):
         if not pins and (dev or not wanted):
             raise SetupError(missing_requirements(wanted))
-    return list(RUNTIME_PINS), (list(DEV_TEST_PINS) if dev else [])
+    runtime = [d for d in RUNTIME_PINS if not (dev and d in NOT_IN_DEV_VENV)]
+    return runtime, (list(DEV_TEST_PINS) if dev else [])
 
 
 # --- modes --------------------------------------------------------------------------------------
