@@ -135,3 +135,18 @@ def test_an_entry_offers_upscale_to_the_panels_resolution(run):
     assert d["native_file"] == str(Path(run["native"]["path"]).resolve())
     assert d["errors"]["native"][0] == "GenerationError" and "nothing to upscale" in d["errors"]["native"][1]
     assert d["errors"]["missing"][0] == "GenerationError" and "gone.png" in d["errors"]["missing"][1]
+
+
+def test_generate_at_4k_generates_2k_then_upscales_that_entry(run):
+    d = step(run, "chain")
+    assert d["result"] == ["FINISHED"]  # the 2K world was applied (the upscale's failure is a warning)
+    entry = d["entry"]
+    assert entry["size"] == "NATIVE" and entry["sizes"] == [[128, 64]]  # the worker generated at 2K
+    up = d["upscale"]
+    assert up["source"] == entry["file"] and up["size"] == "4k" and up["refine"] is False
+    assert up["seed"] == entry["seed"]  # the entry's own (the upscale kind takes no prompt: None)
+    # no upscale model in the tiny models folder, downloads off: refused before anything is written
+    assert d["upscale_error"][0] == "weights_missing" and "upscale model" in d["upscale_error"][1]
+    assert d["panel_error"] == "weights_missing"
+    assert Path(d["world"]).parent == Path(entry["file"]).parent and Path(d["world"]).suffix == ".exr"
+    assert Path(d["world"]).stem.startswith(Path(entry["file"]).stem)  # the 2K world stays

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import edit_ops, lighting
+from . import edit_ops, lighting, resolution_ops
 from . import world as world_nodes
 from .errors import GenerationError
 from .generation import Generation
@@ -40,11 +40,18 @@ def generate_world(
     sun_share: float | None = None,
     speed: str | None = None,
     output_dir: str | None = None,
+    size: str | None = None,
+    refine: bool | None = None,
+    refine_strength: float | None = None,
     scene: bpy.types.Scene | None = None,
     wait: bool = True,
     timeout: float | None = None,
 ) -> bpy.types.Image | Generation:
     """Generate a 360° world for `scene` (default: the current one) and make it its World.
+
+    `size` "4k"/"8k"/"16k" (None: the panel's Resolution) generates at 2K and then upscales it (with
+    `refine` at `refine_strength`): the World shows the upscaled one, the History keeps both; with
+    `wait` the image returned is the upscaled one.
 
     `sun_share` (0 to 0.95) is the share of the HDR environment's light a detected sun gets;
     `speed` is "faithful", "fast" or "fastest" (see the panel's Speed). The limits of every
@@ -58,11 +65,12 @@ def generate_world(
         "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance,
         "lora_strength": lora_strength, "width": width, "height": height, "sun_share": sun_share,
         "speed": speed, "output_dir": bpy.path.abspath(output_dir) if output_dir else None,
+        "size": size, "refine": refine, "refine_strength": refine_strength,
     }  # fmt: skip
     job = PUMP.start_generation(scene, **overrides)
     if not wait:
         return job
-    PUMP.wait(job, timeout=timeout)
+    job = resolution_ops.wait_chain(job, timeout=timeout)
     if job.error is not None:
         raise job.error
     image = bpy.data.images.get(job.image_name or "")

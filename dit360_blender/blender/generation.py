@@ -130,6 +130,7 @@ class Generation:
     previews_shown: int = 0
     push_undo: bool = True  # False when an operator that waits makes the undo step itself
     undo_message: str = "DiT360: Generate World"  # edits say which (edit_ops.start_edit)
+    then: object = None  # called once the result is applied: the next job of a chain (resolution_ops)
 
     def on_event(self, event: dict) -> None:
         """One of this job's events (the pump routes them by job_id)."""
@@ -243,6 +244,8 @@ class Generation:
             state.detail = ""
         if self.push_undo:
             undo_push(self.undo_message)
+        if callable(self.then):
+            self.then()
 
     def finish_error(self, err: GenerationError) -> None:
         """End the job with `err`: the scene gets its World back, the panel shows what and the fix."""

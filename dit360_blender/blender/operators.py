@@ -91,7 +91,10 @@ class DIT360_OT_generate(bpy.types.Operator):
         if not block:
             return {"FINISHED"}
         job.push_undo = False  # this operator's own undo step holds the result
-        PUMP.wait(job)
+        last = resolution_ops.wait_chain(job)  # with a Resolution above 2K, its upscale too
+        if last is not job and job.error is None and last.error is not None:
+            self.report({"WARNING"}, f"The 2K world is applied; its upscale failed: {last.error.message}")
+            return {"FINISHED"}
         if job.error is not None:
             self.report(
                 {"ERROR"}, f"{job.error.message} — {job.error.hint}" if job.error.hint else job.error.message

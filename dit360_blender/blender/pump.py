@@ -17,6 +17,7 @@ from collections import deque
 import bpy
 
 from ..remote_client import RemoteWorkerClient
+from . import resolution_ops
 from .common import runtime, short, tag_redraw
 from .errors import GenerationError
 from .generation import Generation, submit
@@ -48,7 +49,10 @@ class Pump:
             raise GenerationError(
                 "busy", "A world is already being generated.", "Wait for it, or press Cancel."
             )
-        self.job = submit(scene, self.link, **overrides)
+        # a Resolution above 2K: generate at 2K, then upscale that entry (resolution_ops.chain_upscale)
+        size, refine, strength = resolution_ops.requested(scene, overrides)
+        self.job = submit(scene, self.link, **{**overrides, "size": "native", "refine": False})
+        resolution_ops.chain_upscale(self.job, scene, size, refine, strength)
         self.link.note_busy()
         ensure_timer()
         tag_redraw()

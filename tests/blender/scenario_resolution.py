@@ -154,6 +154,41 @@ def step_upscale_button(data: dict) -> None:
     settings.size = "NATIVE"
 
 
+def step_chain(data: dict) -> None:
+    """Generate World with Resolution 4K, through the real worker on the tiny models: the worker
+    generates at 2K (native), the result is applied and recorded, then an upscale job of that entry
+    starts by itself. The dev venv's worker has no upscale model (none is in the tiny models folder
+    and downloads are off), so it ends with weights_missing: the 2K world stays, the panel says why."""
+    harness.reset_scene()
+    harness.user_world()
+    scene = bpy.context.scene
+    settings = scene.dit360
+    settings.size, settings.refine = "4K", False
+    out = Path(CFG["work"]) / "chain"
+    result = bpy.ops.dit360.generate(
+        prompt="This is a panorama image. A chain test",
+        seed=5,
+        steps=1,
+        width=128,
+        height=64,
+        output_dir=str(out),
+    )
+    pump = sys.modules[f"{harness.MODULE}.blender.pump"].PUMP
+    entry = settings.history[0]
+    data["result"] = sorted(result)
+    data["entry"] = {
+        "size": entry.size, "sizes": [[s.width, s.height] for s in entry.sizes],
+        "file": str(Path(bpy.path.abspath(entry.filepath)).resolve()), "prompt": entry.prompt, "seed": entry.seed,
+    }  # fmt: skip
+    job = pump.job
+    data["upscale"] = {k: job.params.get(k) for k in ("source", "size", "refine", "prompt", "seed")}
+    data["upscale_error"] = [job.error.code, job.error.message] if job.error else None
+    data["world"] = shown()
+    data["panel_error"] = bpy.context.window_manager.dit360.error_code
+    data["panel_message"] = bpy.context.window_manager.dit360.error_message
+    settings.size = "NATIVE"
+
+
 ORDER = [
     ("install", step_install),
     ("panel", step_panel),
@@ -161,6 +196,7 @@ ORDER = [
     ("reapply", step_reapply),
     ("native_in_result", step_native_in_result),
     ("upscale_button", step_upscale_button),
+    ("chain", step_chain),
 ]
 
 if __name__ == "__main__":
