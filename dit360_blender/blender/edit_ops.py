@@ -280,10 +280,19 @@ def open_for_painting(context: bpy.types.Context, image: bpy.types.Image) -> boo
             space.ui_mode = "PAINT"
             area.tag_redraw()
             found = True
-    paint = context.tool_settings.image_paint
-    if paint is not None and paint.brush is not None:
-        paint.brush.color = (1.0, 1.0, 1.0)
+    _white_brush(context.tool_settings)
     return found
+
+
+def _white_brush(tool_settings: bpy.types.ToolSettings) -> None:
+    """Paint white by default (brushes are assets from Blender 4.3: some are not editable)."""
+    for owner in (getattr(tool_settings, "unified_paint_settings", None),
+                  getattr(getattr(tool_settings, "image_paint", None), "brush", None)):  # fmt: skip
+        try:
+            if owner is not None and hasattr(owner, "color"):
+                owner.color = (1.0, 1.0, 1.0)
+        except (AttributeError, RuntimeError, TypeError):
+            pass  # a linked brush: the user picks the colour
 
 
 # -- the job -------------------------------------------------------------------------------------

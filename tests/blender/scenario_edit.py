@@ -106,7 +106,7 @@ def panel_log() -> list[str]:
 
 def step_install(data: dict) -> None:
     harness.install_zip(CFG["zip"])
-    harness.configure(CFG["models"])
+    harness.configure(CFG["models"], CFG.get("worker_python"))
     harness.reset_scene()
     world = harness.user_world()
     scene = bpy.context.scene
