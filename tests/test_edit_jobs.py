@@ -7,6 +7,8 @@ One worker serves the module. Sizes are tiny (128x64, 2-3 steps) so the module s
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import subprocess
 import sys
@@ -149,7 +151,11 @@ def test_view_and_seam_edits_through_the_worker(client, edit, files):
     broken[:, : W // 2] = (broken[:, : W // 2].astype(int) * 0.4).astype(np.uint8)
     path = Path(result["path"]).parent / "broken.png"
     Image.fromarray(broken).save(path)
-    fixed, _ = _run(client, edit(mask_kind="seam", mask=None, source=path, band=40.0, steps=3))
+    fixed, seam_events = _run(client, edit(mask_kind="seam", mask=None, source=path, band=40.0, steps=3))
+    last = [e for e in seam_events if e["type"] == "preview"][-1]
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(last["data"]))).convert("L"), dtype=float)
+    half = shown.shape[1] // 2
+    assert shown[:, :half].mean() < shown[:, half:].mean()  # the darkened left half shows on the left
     repaired = _png(fixed["path"])
     band = np.roll(seam_band_mask(W, H, 40.0, feather_deg=4.0), -(W // 2), axis=1)  # back at the wrap
     assert np.array_equal(repaired[band == 0], broken[band == 0])

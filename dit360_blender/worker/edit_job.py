@@ -25,6 +25,8 @@ def run_edit(runner: JobRunner, job: QueuedJob) -> None:
     job.total = p["steps"] - strength_start(p["steps"], p["strength"])  # the steps it runs, for progress
     pipe, cached, timings = runner.load_pipeline(job, p)
     previews = runner.previews(job, *inputs.work_size)  # the previews show the latents the model works on
+    if previews is not None:
+        previews.unroll = inputs.unroll  # a seam repair's previews show the panorama the right way round
     made = make_edit(
         pipe, p, inputs, out, on_step=runner.step_callback(job, previews), should_cancel=job.cancel.is_set,
         on_stage=lambda s: runner.stage(job, s),

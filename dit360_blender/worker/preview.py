@@ -52,11 +52,14 @@ class PreviewRenderer:
     def __init__(self, projection: tuple[Tensor, Tensor], width: int, height: int):
         self.weights, self.bias = projection
         self.grid_h, self.grid_w = height // 16, width // 16
+        self.unroll = False  # turn the picture back by half (a seam repair samples it turned)
 
     def render(self, x0: Tensor) -> tuple[bytes, int, int]:
         """PNG bytes, width, height of the projected x0 estimate (1, tokens, 64)."""
         x0 = x0.detach().float().cpu()
         latents = unpack(crop_pad(x0, self.grid_h, self.grid_w), self.grid_h, self.grid_w)[0]
+        if self.unroll:
+            latents = torch.roll(latents, -(latents.shape[-1] // 2), dims=-1)
         rgb = torch.einsum("chw,ck->khw", latents, self.weights) + self.bias[:, None, None]
         rgb = _fit_size(((rgb + 1) / 2).clamp(0, 1))
         pixels = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
