@@ -93,6 +93,10 @@ DEV_RUNTIME_PINS = {name: req for name, req in _DEV_PINS.items() if name in RUNT
 # Runtime packages the dev venv goes without (dev.txt says why: the super-resolution loader and the
 # torchvision it imports, tested in their own venv, .ci/sr_venv.py); the dev check skips them.
 NOT_IN_DEV_VENV = frozenset({"torchvision", "spandrel"})
+# Packages only one feature needs: --check reports them, but a worker Python without them still
+# generates and edits (its `ok` stays true, and the add-on says which feature is unavailable). An
+# install always installs them and fails if they do not import.
+FEATURE_PACKAGES: dict[str, str] = {"torchvision": "upscale", "spandrel": "upscale"}
 # Installed in torch's own pip command (same index), so pip picks the build made for that torch.
 TORCH_FAMILY = frozenset({"torch", "torchvision"})
 DEV_TEST_PINS = {name: req for name, req in _DEV_PINS.items() if name not in RUNTIME_PINS}
@@ -492,8 +496,10 @@ def run_check(
     dists: list[str],
     metadata_only: list[str],
     do_import: bool = True,
+    optional: frozenset[str] = frozenset(),
 ) -> dict:
-    """Run CHECK_SCRIPT in PYTHON (with TARGET first on sys.path) and return its report."""
+    """Run CHECK_SCRIPT in PYTHON (with TARGET first on sys.path) and return its report; a package
+    in OPTIONAL that does not import is reported in `packages` but not in `missing`, and `ok` holds."""
     imports = [(d, IMPORT_NAMES.get(d, d)) for d in dists]
     spec = {
         "target": str(target) if target else None,
@@ -512,7 +518,7 @@ def run_check(
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(CHECK_MARK):
             report = json.loads(line[len(CHECK_MARK) :])
-            missing = [d for d, e in report["packages"].items() if e["error"]]
+            missing = [d for d, e in report["packages"].items() if e["error"] and d not in optional]
             report["missing"] = missing
             report["ok"] = not missing
             report["target"] = str(target) if target else None
@@ -534,6 +540,17 @@ def print_report(report: dict) -> None:
         log(f"torch device: {report['device']} - {report['device_name']}")
     if report["missing"]:
         log(f"missing: {', '.join(report['missing'])}")
+    for feature, dists in unavailable_features(report).items():
+        log(f"without {', '.join(dists)} the {feature} is unavailable; everything else works")
+
+
+def unavailable_features(report: dict) -> dict[str, list[str]]:
+    """{feature: [its packages that do not import]} for the FEATURE_PACKAGES a check found missing."""
+    out: dict[str, list[str]] = {}
+    for dist, entry in report["packages"].items():
+        if entry.get("error") and dist in FEATURE_PACKAGES:
+            out.setdefault(FEATURE_PACKAGES[dist], []).append(dist)
+    return out
 
 
 def deps_message(report: dict) -> bytes:
@@ -754,7 +771,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.dry_run:
         log(f"would check {', '.join(dists + meta)} with {python}" + (f" and {target}" if target else ""))
         return 0
-    report = run_check(python, target, dists, meta)
+    report = run_check(python, target, dists, meta, optional=frozenset(FEATURE_PACKAGES))
     if args.json:
         sys.stdout.buffer.write(deps_message(report))
         sys.stdout.buffer.flush()

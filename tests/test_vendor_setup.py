@@ -461,3 +461,21 @@ def test_check_json_finds_the_protocol_beside_it_as_in_the_zip(tmp_path):
     shutil.copy2(SCRIPT, addon / "vendor_setup.py")
     msg = check_json(addon / "vendor_setup.py")
     assert msg["type"] == "deps" and msg["ok"]
+
+
+def test_check_reports_a_missing_feature_package_without_failing(vs):
+    """A worker Python without spandrel (only the upscale needs it) passes --check, the report
+    naming it; a required package that is missing still fails; an install's check is strict."""
+    pytest.importorskip("einops")
+    if importlib.util.find_spec("spandrel") is not None:
+        pytest.skip("this Python has spandrel; the case is a Python without it")
+    lenient = vs.run_check(sys.executable, None, ["einops", "spandrel"], [], optional=frozenset({"spandrel"}))
+    assert lenient["ok"] and lenient["missing"] == []
+    assert lenient["packages"]["spandrel"]["error"] and not lenient["packages"]["einops"]["error"]
+    assert vs.unavailable_features(lenient) == {"upscale": ["spandrel"]}
+    strict = vs.run_check(sys.executable, None, ["einops", "spandrel"], [])
+    assert not strict["ok"] and strict["missing"] == ["spandrel"]
+    required_missing = vs.run_check(
+        sys.executable, None, ["no_such_pkg_dit360"], [], optional=frozenset({"spandrel"})
+    )
+    assert not required_missing["ok"] and required_missing["missing"] == ["no_such_pkg_dit360"]

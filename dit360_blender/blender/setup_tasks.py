@@ -159,11 +159,19 @@ class SetupTasks:
         torch = report["packages"].get("torch", {})
         where = report.get("device_name") or report.get("device") or "?"
         if report.get("ok"):
+            # ok with packages that did not import: those only one feature needs (vendor_setup.py's
+            # FEATURE_PACKAGES), e.g. the upscale's spandrel; say so, generating still works.
+            optional = [
+                d for d, e in report["packages"].items() if e.get("error") and d not in report["missing"]
+            ]
             state.deps_state = "OK"
             state.deps_summary = (
                 f"torch {torch.get('version')} · {where} · Python {report.get('python_version')}"
+                + (f" · upscale needs {', '.join(optional)} (Install Packages)" if optional else "")
             )
-            state.deps_detail = ""
+            state.deps_detail = short(
+                "; ".join(f"{d}: {report['packages'][d]['error']}" for d in optional), 400
+            )
         else:
             state.deps_state = "MISSING"
             state.deps_summary = f"Missing: {', '.join(report.get('missing', []))}"
