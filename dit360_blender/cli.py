@@ -190,6 +190,12 @@ def _generate(args: argparse.Namespace, values: dict) -> int:
     )  # fmt: skip
     out = args.out or plan_output(Path.cwd(), values["prompt"], values["seed"])
     progress = None if args.quiet else _Progress()
+    models = {"models_dir": str(args.models_dir.resolve()) if args.models_dir else None}
+    values["models"] = models | {"allow_download": bool(args.download)}
+    if values["size"] != "native":  # a missing upscale model fails now, not after the sampling
+        from .pipeline.make_upscale import find_upscale_model
+
+        find_upscale_model(values, progress.download if progress else None)
     pipe = load_pipeline(args, values, progress)
     start = time.perf_counter()
     made = make_panorama(
@@ -198,7 +204,28 @@ def _generate(args: argparse.Namespace, values: dict) -> int:
         on_stage=(lambda s: _status(progress, s)) if progress else None,
     )  # fmt: skip
     print(f"wrote {_written(made)} (seed {values['seed']}, {time.perf_counter() - start:.1f} s{_seam(made)})")
+    if values["size"] != "native":
+        _upscale_generated(values, made, pipe, quiet=args.quiet)
     return 0
+
+
+def _upscale_generated(values: dict, made, pipe, quiet: bool) -> None:
+    """--size: the generated panorama upscaled beside it (refined with the loaded pipeline with
+    --refine); the generated files stay whatever happens."""
+    from .cli_upscale import TileProgress
+    from .pipeline.make_upscale import upscale_generated
+
+    tiles = None if quiet else TileProgress()
+    start = time.perf_counter()
+    big = upscale_generated(
+        values, made, pipe, on_progress=tiles.tiles if tiles else None,
+        on_stage=tiles.stage if tiles else None, on_download=tiles.download if tiles else None,
+    )  # fmt: skip
+    info = big.metadata["upscale"]
+    print(
+        f"wrote {_written(big)} ({info['architecture']} x{info['scale']}, {info['width']} px wide, "
+        f"{time.perf_counter() - start:.1f} s{_seam(big)})"
+    )
 
 
 def _written(made) -> str:

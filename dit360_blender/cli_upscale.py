@@ -80,7 +80,7 @@ def _upscale(args: argparse.Namespace, values: dict) -> int:
     if out is None:
         out = plan_output(values["output_dir"], "", 0, default_stem=f"{source.stem}_{values['size']}")
     ensure_writable(out.parent)
-    progress = None if args.quiet else _TileProgress()
+    progress = None if args.quiet else TileProgress()
     start = time.perf_counter()
     made = upscale_job(
         values,
@@ -111,7 +111,7 @@ def _load_refiner(args: argparse.Namespace, p: dict, progress):
                    strength=p["refine_strength"], source=p["source"])  # fmt: skip
 
 
-class _TileProgress:
+class TileProgress:
     """One status line per stage and a running tile count on stderr."""
 
     def __init__(self) -> None:

@@ -288,6 +288,7 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
         "model_cached": ((_B,), True),
         "files": ((_D,), False),  # {"hdr", "lighting"[, "hdr_exr", "lighting_exr"]: path} with HDR files
         "remote_files": ((_L,), False),  # a serving worker's: [{name, size, sha256}] (Remote workers)
+        "native": ((_D,), False),  # a generate with size: the generated {path, width, height, files}
     },
     "error": {
         "job_id": ((_S, _0), True),

@@ -158,7 +158,9 @@ class Download:
     def _plan_names(self, stem: str | None) -> dict[str, Path]:
         """Remote name -> local path. Every name starts with the image's stem; locally the stem is
         the user's file name, or the worker's with -2, -3 ... added until no file would be replaced."""
-        image = next(f["name"] for f in self.files if f["key"] == "path")
+        # the generated size's image when a generate also upscaled: the upscale is <its stem>_<size>
+        keys = {f["key"]: f["name"] for f in self.files}
+        image = keys.get("native.path") or keys["path"]
         remote_stem = image.rsplit(".", 1)[0]
         tails = [
             f["name"][len(remote_stem) :] if f["name"].startswith(remote_stem) else "_" + f["name"]
@@ -277,6 +279,14 @@ class Download:
         out["path"] = by_key["path"]
         if isinstance(out.get("files"), dict):
             out["files"] = {k: by_key.get(k, v) for k, v in out["files"].items()}
+        native = out.get("native")
+        if isinstance(native, dict) and "native.path" in by_key:
+            files = native.get("files") if isinstance(native.get("files"), dict) else {}
+            out["native"] = {
+                **native,
+                "path": by_key["native.path"],
+                "files": {k: by_key.get(f"native.{k}", v) for k, v in files.items()},
+            }
         return out
 
     def abort(self) -> None:

@@ -263,3 +263,52 @@ def upscale_job(
         cubemap=p.get("cubemap", "none"), sun_share=p.get("sun_share", 0.6), on_progress=on_progress,
         should_cancel=should_cancel, on_stage=on_stage,
     )  # fmt: skip
+
+
+def upscale_generated(
+    p: Mapping,
+    made: Panorama,
+    pipe,
+    *,
+    on_progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_download: Callable[[str, int, int], None] | None = None,
+) -> Panorama:
+    """generate's `size` (and `refine`): the panorama `made` that the generate job `p` just wrote,
+    upscaled beside it (<stem>_<size>.png) by upscale_job, refined with the already loaded `pipe`
+    and the job's own prompt and seed. The native files stay; the returned Panorama is the upscale,
+    with metadata["upscale"]["source"] naming the native PNG. Raises as upscale_job does (the native
+    files are kept then: they are a finished generation)."""
+    from .output_files import plan_output
+    from .refine import Refiner as DetailPass
+
+    up = {**p, "source": str(made.path)}
+
+    def load_refiner(q: Mapping) -> DetailPass:
+        return DetailPass(
+            pipe, prompt=p["prompt"], seed=int(q["seed"]), steps=int(q["steps"]), guidance=float(q["guidance"]),
+            strength=float(q["refine_strength"]), source=str(made.path),
+        )  # fmt: skip
+
+    out = plan_output(made.path.parent, "", 0, None, default_stem=f"{made.path.stem}_{p['size']}")
+    return upscale_job(
+        up, out, load_refiner=load_refiner, on_progress=on_progress, should_cancel=should_cancel,
+        on_stage=on_stage, on_download=on_download,
+    )  # fmt: skip
+
+
+def find_upscale_model(p: Mapping, on_download: Callable[[str, int, int], None] | None = None) -> Path:
+    """The super-resolution model file job `p` will use (downloaded when allowed), or the error of
+    resolve_sr_model: a generate with a size checks this first, before minutes of sampling."""
+    models = p.get("models") or {}
+    return resolve_sr_model(
+        p.get("upscale_model"), models.get("models_dir"),
+        allow_download=bool(models.get("allow_download")), progress=on_download,
+    )  # fmt: skip
+
+
+def native_of(made: Panorama) -> dict:
+    """The `native` field of an upscaled generate's result: the generated size's PNG and files."""
+    width, height = source_size(made.path)
+    return {"path": str(made.path), "width": width, "height": height, "files": dict(made.files)}

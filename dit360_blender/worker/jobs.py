@@ -179,13 +179,31 @@ class JobRunner:
         )  # fmt: skip
         out = plan_output(p["output_dir"], p["prompt"], p["seed"], p["filename"])
         ensure_writable(out.parent)  # fail before minutes of loading and sampling, not after
+        if p["size"] != "native":  # so is a missing upscale model
+            from ..pipeline.make_upscale import find_upscale_model
+
+            find_upscale_model(p, self._download_cb(job))
         pipe, cached, timings = self.load_pipeline(job, p)
         made = make_panorama(
             pipe, request, out, hdr=p["hdr"], exr=p["exr"], cubemap=p["cubemap"], sun_share=float(p["sun_share"]),
             on_step=self.step_callback(job, self.previews(job)), should_cancel=job.cancel.is_set,
             on_stage=lambda s: self.stage(job, s),
         )  # fmt: skip
-        self.send_result(job, made, request.width, request.height, timings, cached)
+        if p["size"] == "native":
+            self.send_result(job, made, request.width, request.height, timings, cached)
+            return
+        # generate's size: upscale what it made (the native files stay, named in the result)
+        from ..pipeline.make_upscale import native_of, upscale_generated
+        from .upscale_job import tile_progress
+
+        native = native_of(made)
+        big = upscale_generated(
+            p, made, pipe, on_progress=tile_progress(self, job), should_cancel=job.cancel.is_set,
+            on_stage=lambda s: self.stage(job, s), on_download=self._download_cb(job),
+        )  # fmt: skip
+        width = int(big.metadata["upscale"]["width"])
+        big.timings = {**made.timings, **{f"upscale_{k}": v for k, v in big.timings.items()}}
+        self.send_result(job, big, width, width // 2, timings, cached, native=native)
 
     # -- what every job kind shares ----------------------------------------------------------------
 
@@ -206,9 +224,17 @@ class JobRunner:
         return pipe, cached, timings
 
     def send_result(
-        self, job: QueuedJob, made: Panorama, width: int, height: int, timings: dict, cached: bool
+        self,
+        job: QueuedJob,
+        made: Panorama,
+        width: int,
+        height: int,
+        timings: dict,
+        cached: bool,
+        native: dict | None = None,
     ) -> None:
-        """The job's `result` event for the files `made` wrote."""
+        """The job's `result` event for the files `made` wrote (`native`: the generated size's files
+        when a generate job also upscaled)."""
         timings.update(made.timings, total_s=time.monotonic() - job.started)
         self._tail_s = timings.get("decode_s", 0.0) + timings["save_s"]
         logger.info("job %s done in %.2f s: %s", job.job_id, timings["total_s"], made.path.name)
@@ -216,6 +242,7 @@ class JobRunner:
             message(
                 "result", job_id=job.job_id, path=str(made.path), width=width, height=height,
                 metadata=made.metadata, timings=timings, model_cached=cached, files=made.files,
+                **({"native": native} if native else {}),
             )
         )  # fmt: skip
 

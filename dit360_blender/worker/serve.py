@@ -85,6 +85,10 @@ class ResultStore:
         files: dict[str, Path] = {}
         if msg["type"] == "result":
             listed = [("path", msg["path"])] + [(k, v) for k, v in (msg.get("files") or {}).items()]
+            native = msg.get("native") or {}  # a generate that also upscaled: its generated size too
+            if native.get("path"):
+                listed += [("native.path", native["path"])]
+                listed += [(f"native.{k}", v) for k, v in (native.get("files") or {}).items()]
             entries = []
             for key, value in listed:
                 path = Path(value)

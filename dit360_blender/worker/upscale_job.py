@@ -8,7 +8,7 @@ refine pass's tile-steps (step/total of the progress event); a cancel stops betw
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,13 +24,9 @@ if TYPE_CHECKING:
 _STAGE_OF = {"upscale": "upscaling", "refine": "refining"}
 
 
-def run_upscale(runner: JobRunner, job: QueuedJob) -> None:
-    """Run one upscale job and send its `result` (or raise: the runner reports the error)."""
-    p = job.params  # checked against the parameter table when the job arrived
-    source = Path(p["source"])
-    out = plan_output(p["output_dir"], "", 0, p["filename"], default_stem=f"{source.stem}_{p['size']}")
-    ensure_writable(out.parent)  # fail before the model loads, not after
-    state = {"cached": False, "timings": {}, "stage_start": time.monotonic()}
+def tile_progress(runner: JobRunner, job: QueuedJob) -> Callable[[str, int, int], None]:
+    """make_upscale's (stage, done, total) callback as the job's progress events, with an ETA."""
+    state = {"stage_start": time.monotonic()}
 
     def on_progress(stage: str, done: int, total: int) -> None:
         name = _STAGE_OF[stage]
@@ -39,6 +35,18 @@ def run_upscale(runner: JobRunner, job: QueuedJob) -> None:
         job.step, job.total = done, total
         per = (time.monotonic() - state["stage_start"]) / max(done, 1)
         runner._progress(job, name, eta=per * (total - done))
+
+    return on_progress
+
+
+def run_upscale(runner: JobRunner, job: QueuedJob) -> None:
+    """Run one upscale job and send its `result` (or raise: the runner reports the error)."""
+    p = job.params  # checked against the parameter table when the job arrived
+    source = Path(p["source"])
+    out = plan_output(p["output_dir"], "", 0, p["filename"], default_stem=f"{source.stem}_{p['size']}")
+    ensure_writable(out.parent)  # fail before the model loads, not after
+    state = {"cached": False, "timings": {}}
+    on_progress = tile_progress(runner, job)
 
     def load_refiner(params: Mapping) -> Refiner:
         model_params = {**defaults(GENERATE), **{k: v for k, v in params.items() if k != "prompt"}}
