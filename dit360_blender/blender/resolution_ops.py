@@ -108,7 +108,11 @@ def chain_upscale(gen: Generation, scene: bpy.types.Scene, size: str, refine: bo
             return
         entry = settings.history[settings.history_index]
         try:
-            nxt = start_upscale(scene, entry, size=size, refine=refine, refine_strength=strength)
+            # beside the 2K world it starts from (the generate's folder, maybe the operator's own)
+            folder = gen.params.get("output_dir") or None
+            nxt = start_upscale(
+                scene, entry, size=size, refine=refine, refine_strength=strength, output_dir=folder
+            )
         except GenerationError as err:
             state = runtime()
             if state is not None:

@@ -38,8 +38,10 @@ def apply_result(
     if take_world is None:
         take_world = scene.world is None or scene.world == target
     image = lighting.apply_result(target, event, pack=settings.pack_image if pack is None else pack)
-    target["dit360_prompt"] = params["prompt"]
-    target["dit360_seed"] = int(params["seed"])
+    # an upscale job takes no prompt: its picture's prompt is the source PNG's, in the metadata
+    metadata = event.get("metadata") or {}
+    target["dit360_prompt"] = str(params.get("prompt") or metadata.get("prompt") or "")
+    target["dit360_seed"] = int(params.get("seed", metadata.get("seed", 0)) or 0)
     target["dit360_image"] = image.name
     if before_assign is not None:
         before_assign()

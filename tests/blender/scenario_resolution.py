@@ -189,6 +189,36 @@ def step_chain(data: dict) -> None:
     settings.size = "NATIVE"
 
 
+def step_chain_8k(data: dict) -> None:
+    """Resolution 8K end to end with a worker that can upscale (CFG["sr"]: the super-resolution
+    venv's Python and a models folder holding the tiny models and a tiny x4 model as the default
+    RealESRGAN_x4plus.pth): the 2K world, then its 8K upscale in the same History entry, and the
+    World showing the 8K EXR."""
+    sr = CFG.get("sr")
+    if not sr:
+        data["skipped"] = True
+        return
+    bpy.ops.dit360.stop_worker()
+    harness.configure(sr["models"], sr["python"])
+    harness.reset_scene()
+    harness.user_world()
+    settings = bpy.context.scene.dit360
+    settings.size, settings.refine = "8K", False
+    result = bpy.ops.dit360.generate(
+        prompt="This is a panorama image. An 8K chain test", seed=9, steps=1, width=512, height=256,
+        output_dir=str(Path(CFG["work"]) / "chain8k"),
+    )  # fmt: skip
+    pump = sys.modules[f"{harness.MODULE}.blender.pump"].PUMP
+    entry = settings.history[0]
+    data["result"] = sorted(result)
+    data["sizes"] = [[s.width, s.height] for s in entry.sizes]
+    data["files"] = [str(Path(bpy.path.abspath(s.filepath)).resolve()) for s in entry.sizes]
+    data["entry_file"] = str(Path(bpy.path.abspath(entry.filepath)).resolve())
+    data["upscale_error"] = [pump.job.error.code, pump.job.error.message] if pump.job.error else None
+    data["world"] = shown()
+    settings.size = "NATIVE"
+
+
 ORDER = [
     ("install", step_install),
     ("panel", step_panel),
@@ -197,6 +227,7 @@ ORDER = [
     ("native_in_result", step_native_in_result),
     ("upscale_button", step_upscale_button),
     ("chain", step_chain),
+    ("chain_8k", step_chain_8k),
 ]
 
 if __name__ == "__main__":
