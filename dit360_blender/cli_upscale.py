@@ -107,8 +107,7 @@ def _load_refiner(args: argparse.Namespace, p: dict, progress):
     values["prompt"] = args.prompt or "This is a panorama image."
     args.no_lora = False
     pipe = cli.load_pipeline(args, values, progress)
-    return Refiner(pipe, prompt=args.prompt, seed=p["seed"], steps=p["steps"], guidance=p["guidance"],
-                   strength=p["refine_strength"], source=p["source"])  # fmt: skip
+    return Refiner.for_job(pipe, p, prompt=args.prompt)
 
 
 class TileProgress:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_blender_extension import build_zip, run_scenario
 from test_panorama_synthetic import sun_panorama
-from test_upscale_models import ROOT, sr_python
+from test_upscale_models import build_sr_model, sr_python
 
 from dit360_blender.client import Job
 from dit360_blender.panorama.analyze import analyze
@@ -78,12 +77,7 @@ def sr_setup(tiny_models, work: Path) -> dict:
     for item in Path(tiny_models["root"]).iterdir():
         (models / item.name).symlink_to(item, target_is_directory=item.is_dir())
     (models / "Real-ESRGAN").mkdir()
-    build = (
-        "import sys, torch; sys.path.insert(0, 'tests/sr_venv'); from sr_nets import build; "
-        "torch.save(build('compact_x4', seed=4).state_dict(), sys.argv[1])"
-    )
-    target = models / "Real-ESRGAN" / "RealESRGAN_x4plus.pth"
-    subprocess.run([str(python), "-c", build, str(target)], cwd=ROOT, check=True)
+    build_sr_model(models / "Real-ESRGAN" / "RealESRGAN_x4plus.pth", seed=4)
     return {"python": str(python), "models": str(models)}
 
 

@@ -17,15 +17,11 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_upscale_models import ROOT, sr_python
+from test_upscale_models import ROOT, build_sr_model, sr_python
 
 from dit360_blender.client import Job, JobError, WorkerClient
 
 PROMPT = "This is a panorama image. A misty pine forest at dawn."
-BUILD_MODEL = (
-    "import sys; sys.path.insert(0, 'tests/sr_venv'); from pathlib import Path; "
-    "from sr_nets import build, save; save(build('compact_x4', seed=3), Path(sys.argv[1]))"
-)
 
 
 def pixels(path) -> np.ndarray:
@@ -37,8 +33,7 @@ def pixels(path) -> np.ndarray:
 def sr(tmp_path_factory):
     python = sr_python()
     root = tmp_path_factory.mktemp("generate-size")
-    model = root / "compact_x4.safetensors"
-    subprocess.run([str(python), "-c", BUILD_MODEL, str(model)], cwd=ROOT, check=True)
+    model = build_sr_model(root / "compact_x4.safetensors", seed=3)
     client = WorkerClient(python=python, log_dir=root / "logs", extra_env={"HF_HUB_OFFLINE": "1"})
     yield root, model, python, client
     client.close()

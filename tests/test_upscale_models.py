@@ -30,6 +30,17 @@ def sr_python() -> Path:
     return python
 
 
+def build_sr_model(path: Path, name: str = "compact_x4", seed: int = 0) -> Path:
+    """A tiny random spandrel network (tests/sr_venv/sr_nets.py) saved at `path` (.pth or
+    .safetensors), built in .venv-sr: the dev venv has no spandrel."""
+    build = (
+        "import sys; sys.path.insert(0, 'tests/sr_venv'); from pathlib import Path; from sr_nets import "
+        "build, save; save(build(sys.argv[2], seed=int(sys.argv[3])), Path(sys.argv[1]))"
+    )
+    subprocess.run([str(sr_python()), "-c", build, str(path), name, str(seed)], cwd=ROOT, check=True)
+    return path
+
+
 def run_checks(*names: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [str(sr_python()), "-m", "pytest", "-q", "-c", "tests/sr_venv/pytest.ini"]

@@ -11,28 +11,20 @@ the model make.
 
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import pytest
 from PIL import Image
-from test_upscale_models import ROOT, sr_python
+from test_upscale_models import build_sr_model, sr_python
 
 from dit360_blender.client import Job, JobError, WorkerClient
 from dit360_blender.protocol import ProtocolError
-
-BUILD_MODEL = (
-    "import sys; sys.path.insert(0, 'tests/sr_venv'); from pathlib import Path; "
-    "from sr_nets import build, save; save(build('compact_x4', seed=5), Path(sys.argv[1]))"
-)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     python = sr_python()
     root = tmp_path_factory.mktemp("upscale-worker")
-    model = root / "compact_x4.safetensors"
-    subprocess.run([str(python), "-c", BUILD_MODEL, str(model)], cwd=ROOT, check=True)
+    model = build_sr_model(root / "compact_x4.safetensors", seed=5)
     rng = np.random.default_rng(0)
     x = np.linspace(0, 2 * np.pi, 1024, endpoint=False)
     base = 0.5 + 0.3 * np.sin(x)[None, :, None] * np.cos(np.linspace(0, np.pi, 512))[:, None, None]

@@ -149,8 +149,7 @@ def _timed(p: dict, folder: Path, pipe, device: str) -> dict:
         tiles[stage] = total
 
     def load_refiner(q):
-        return Refiner(pipe, prompt=PROMPT, seed=1, steps=int(q["steps"]), guidance=float(q["guidance"]),
-                       strength=float(q["refine_strength"]), source=q["source"])  # fmt: skip
+        return Refiner.for_job(pipe, q, prompt=PROMPT)
 
     if cuda:
         torch.cuda.synchronize()

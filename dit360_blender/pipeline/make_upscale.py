@@ -231,13 +231,7 @@ def upscale_job(
     file resolved (downloaded when allowed), loaded, the size checked against its scale before
     anything else loads, then `load_refiner(p)` (the diffusion model: only with refine on) and
     make_upscale. The CLI and the worker both run this."""
-    models = p.get("models") or {}
-    model_file = resolve_sr_model(
-        p.get("upscale_model"),
-        models.get("models_dir"),
-        allow_download=bool(models.get("allow_download")),
-        progress=on_download,
-    )
+    model_file = find_upscale_model(p, on_download)
     if on_stage is not None:
         on_stage("loading")
     device = pick_device(str(p.get("device", "auto")).split(",", 1)[0])
@@ -283,18 +277,10 @@ def upscale_generated(
     from .output_files import plan_output
     from .refine import Refiner as DetailPass
 
-    up = {**p, "source": str(made.path)}
-
-    def load_refiner(q: Mapping) -> DetailPass:
-        return DetailPass(
-            pipe, prompt=p["prompt"], seed=int(q["seed"]), steps=int(q["steps"]), guidance=float(q["guidance"]),
-            strength=float(q["refine_strength"]), source=str(made.path),
-        )  # fmt: skip
-
     out = plan_output(made.path.parent, "", 0, None, default_stem=f"{made.path.stem}_{p['size']}")
     return upscale_job(
-        up, out, load_refiner=load_refiner, on_progress=on_progress, should_cancel=should_cancel,
-        on_stage=on_stage, on_download=on_download,
+        {**p, "source": str(made.path)}, out, load_refiner=lambda q: DetailPass.for_job(pipe, q, p["prompt"]),
+        on_progress=on_progress, should_cancel=should_cancel, on_stage=on_stage, on_download=on_download,
     )  # fmt: skip
 
 
@@ -306,9 +292,3 @@ def find_upscale_model(p: Mapping, on_download: Callable[[str, int, int], None] 
         p.get("upscale_model"), models.get("models_dir"),
         allow_download=bool(models.get("allow_download")), progress=on_download,
     )  # fmt: skip
-
-
-def native_of(made: Panorama) -> dict:
-    """The `native` field of an upscaled generate's result: the generated size's PNG and files."""
-    width, height = source_size(made.path)
-    return {"path": str(made.path), "width": width, "height": height, "files": dict(made.files)}

@@ -20,7 +20,7 @@ step, `should_cancel()` before each.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -228,6 +228,15 @@ class Refiner:
         self.prompt = prompt if isinstance(prompt, str) and prompt.strip() else DEFAULT_PROMPT
         self.seed, self.steps, self.guidance, self.strength = seed, steps, guidance, strength
         self.tile, self.overlap = tile, overlap
+
+    @classmethod
+    def for_job(cls, pipe: DiT360Pipeline, p: Mapping, prompt: str | None = None) -> Refiner:
+        """The detail pass an upscale job's checked parameters ask for (seed, steps, guidance,
+        refine_strength; the prompt given, else the `source` PNG's own)."""
+        return cls(
+            pipe, prompt=prompt, seed=int(p["seed"]), steps=int(p["steps"]), guidance=float(p["guidance"]),
+            strength=float(p["refine_strength"]), source=str(p["source"]),
+        )  # fmt: skip
 
     def __call__(
         self,

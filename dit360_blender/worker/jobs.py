@@ -193,10 +193,15 @@ class JobRunner:
             self.send_result(job, made, request.width, request.height, timings, cached)
             return
         # generate's size: upscale what it made (the native files stay, named in the result)
-        from ..pipeline.make_upscale import native_of, upscale_generated
+        from ..pipeline.make_upscale import upscale_generated
         from .upscale_job import tile_progress
 
-        native = native_of(made)
+        native = {
+            "path": str(made.path),
+            "width": request.width,
+            "height": request.height,
+            "files": made.files,
+        }
         big = upscale_generated(
             p, made, pipe, on_progress=tile_progress(self, job), should_cancel=job.cancel.is_set,
             on_stage=lambda s: self.stage(job, s), on_download=self._download_cb(job),

@@ -52,10 +52,7 @@ def run_upscale(runner: JobRunner, job: QueuedJob) -> None:
         model_params = {**defaults(GENERATE), **{k: v for k, v in params.items() if k != "prompt"}}
         pipe, cached, timings = runner.load_pipeline(job, model_params)
         state["cached"], state["timings"] = cached, timings
-        return Refiner(
-            pipe, prompt=None, seed=params["seed"], steps=params["steps"], guidance=float(params["guidance"]),
-            strength=float(params["refine_strength"]), source=str(source),
-        )  # fmt: skip
+        return Refiner.for_job(pipe, params)
 
     made = upscale_job(
         p, out, load_refiner=load_refiner, on_progress=on_progress, should_cancel=job.cancel.is_set,
