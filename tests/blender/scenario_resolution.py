@@ -69,7 +69,7 @@ def draw(panel: str) -> list:
 
 def step_install(data: dict) -> None:
     harness.install_zip(CFG["zip"])
-    harness.configure(CFG["models"])
+    harness.configure(CFG["models"], CFG.get("worker_python"))
 
 
 def step_panel(data: dict) -> None:
