@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     seam = commands.add_parser("seam", help="score the 0°/360° wrap seam and the pole detail of a panorama")
     seam.add_argument("image", type=Path, help="an equirectangular image (PNG, JPEG, ...)")
     seam.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    seam.add_argument(
+        "--period", type=int, default=None, metavar="N",
+        help="compare the wrap only with every Nth column boundary (an image upscaled xN: the boundaries "
+        "between its source pixels); default: the period its own metadata records, else 1",
+    )  # fmt: skip
     cli_cubemap.add_parser(commands)
     cli_edit.add_parser(commands)
     cli_upscale.add_parser(commands)
@@ -317,6 +322,17 @@ class _Progress:
 # seam
 
 
+def _recorded_seam_period(image) -> int:
+    """The seam period a panorama of ours records in its metadata (an upscale's grid), else 1."""
+    import json
+
+    try:
+        period = json.loads(getattr(image, "text", {}).get("dit360:seam", "{}")).get("period", 1)
+    except (ValueError, AttributeError):  # not our JSON: score it as any image
+        return 1
+    return period if isinstance(period, int) and period >= 1 else 1
+
+
 def cmd_seam(args: argparse.Namespace) -> int:
     import json
 
@@ -328,13 +344,14 @@ def cmd_seam(args: argparse.Namespace) -> int:
     try:
         with Image.open(args.image) as im:
             rgb = np.asarray(im.convert("RGB"))
+            recorded = _recorded_seam_period(im)
     except OSError as exc:  # missing, unreadable or not an image (UnidentifiedImageError)
         print(f"error: cannot read {args.image}: {exc}", file=sys.stderr)
         print("  fix: give the path of an image file (PNG, JPEG, ...)", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        report = seam_score(rgb)
-    except ValueError as exc:  # e.g. an image too small to have interior columns to compare with
+        report = seam_score(rgb, period=args.period or recorded)
+    except ValueError as exc:  # too small to have interior columns to compare with; a bad --period
         print(f"error: {exc}", file=sys.stderr)
         print("  fix: give a full-size equirectangular panorama", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -99,10 +99,43 @@ def test_statistics_indexing_and_float_input():
     )
 
 
+def grid_upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """×`factor` the way Real-ESRGAN Compact's output is built: half a nearest-neighbour copy (a step
+    at every boundary between source pixels, flat inside them) and half a circular linear blend."""
+    height, width = image.shape[:2]
+    rows = image.repeat(factor, 0).astype(np.float64)
+    x = (np.arange(width * factor) + 0.5) / factor - 0.5
+    left = np.floor(x).astype(int)
+    t = (x - left)[None, :, None]
+    linear = rows[:, left % width] * (1 - t) + rows[:, (left + 1) % width] * t
+    return np.clip(0.5 * rows.repeat(factor, 1) + 0.5 * linear, 0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_an_upscales_grid_is_no_seam_with_its_period_and_a_real_seam_still_is(seed):
+    upscaled = grid_upscale(encode(natural_texture(64, 128, seed)), 8)
+    # among all boundaries the wrap (always between source pixels) looks like a seam: the grid
+    assert seam_score(upscaled).seam_z > 10.0
+    report = seam_score(upscaled, period=8)  # among the boundaries between source pixels only
+    assert report.seam_ok and abs(report.seam_z) < 3.0 and abs(report.seam_z_offset) < 3.0
+    assert report.period == 8 and "every 8th column" in report.summary()
+    broken = grid_upscale(encode(natural_texture(64, 128, seed, extra_width=40)), 8)
+    assert not seam_score(broken, period=8).seam_ok
+
+
+def test_a_period_must_divide_the_width_and_leave_columns_to_compare():
+    image = encode(natural_texture(H, W, 0))
+    for period in (0, 3, 32):  # 3 does not divide 512; 512 / 32 = 16 boundaries are too few
+        with pytest.raises(ValueError, match="period"):
+            seam_score(image, period=period)
+    assert seam_score(image, period=1).to_dict() == seam_score(image).to_dict()
+
+
 def test_report_is_json_ready():
     d = seam_score(encode(natural_texture(H, W, 0))).to_dict()
     assert json.loads(json.dumps(d)) == d
-    assert {"seam_z", "seam_percentile", "seam_z_offset", "seam_ok", "pole_detail_ratio"} <= set(d)
+    assert {"seam_z", "seam_percentile", "seam_z_offset", "seam_ok", "pole_detail_ratio", "period"} <= set(d)
+    assert d["period"] == 1
 
 
 def _sphere_texture(height, width, seed=0):
@@ -166,3 +199,26 @@ def test_cli_seam_text_and_errors(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     Image.fromarray(np.zeros((2, 4, 3), np.uint8)).save(tmp_path / "tiny.png")
     assert main(["seam", str(tmp_path / "tiny.png")]) == 2
+
+
+def test_cli_seam_takes_the_period_from_the_flag_or_the_files_metadata(tmp_path, capsys):
+    from PIL import PngImagePlugin
+
+    upscaled = grid_upscale(encode(natural_texture(64, 128, 0)), 8)
+    plain, recorded = tmp_path / "plain.png", tmp_path / "recorded.png"
+    Image.fromarray(upscaled).save(plain)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("dit360:seam", json.dumps({"period": 8, "seam_z": 0.0}))  # as an upscale job records it
+    Image.fromarray(upscaled).save(recorded, pnginfo=info)
+    verdicts = {}
+    for name, args in (
+        ("plain", [str(plain)]),
+        ("flag", [str(plain), "--period", "8"]),
+        ("recorded", [str(recorded)]),
+    ):
+        assert main(["seam", *args, "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        verdicts[name] = (data["seam_ok"], data["period"])
+    assert verdicts == {"plain": (False, 1), "flag": (True, 8), "recorded": (True, 8)}
+    assert main(["seam", str(plain), "--period", "3"]) == 2  # does not divide 1024
+    assert "period" in capsys.readouterr().err

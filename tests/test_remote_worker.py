@@ -104,11 +104,11 @@ class Remote:
             return sorted(p.name for p in (self.tree / "root" / "jobs").iterdir())
 
 
-def start_remote(tree: Path, models: Path) -> Remote:
+def start_remote(tree: Path, models: Path, python: Path | str = sys.executable) -> Remote:
     """`python -m dit360_blender.worker --serve` with its own folder tree under `tree`."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [
-        sys.executable, "-m", "dit360_blender.worker", "--serve", "--port", "0", "--log-dir", str(tree / "root"),
+        str(python), "-m", "dit360_blender.worker", "--serve", "--port", "0", "--log-dir", str(tree / "root"),
         "--token-file", str(tree / "home" / "worker.token"), "--models-dir", str(models),
     ]  # fmt: skip
     with open(tree / "stderr.txt", "wb") as err:
@@ -565,3 +565,45 @@ def test_a_network_address_and_a_readable_token_file_are_refused(local, tmp_path
     with pytest.raises(WorkerError, match="chmod 600"):
         read_token(loose)
     assert read_token(local / "gpu-box.token") == (local / "gpu-box.token").read_text().strip()
+
+
+# -- a generate with a size: both sizes come back -----------------------------------------------------
+
+
+def test_a_sized_generate_brings_back_the_upscale_and_its_native_files(tmp_path_factory, tiny_models):
+    """A remote worker in the super-resolution venv (spandrel) generates 64x32 and upscales it to 4K
+    with a tiny Compact x4 the client uploads: the upscale and the generated panorama both arrive,
+    under one local stem (the upscale is <stem>_4k), with the worker's bytes."""
+    from test_upscale_models import build_sr_model, sr_python
+
+    tree = tmp_path_factory.mktemp("sr-remote-machine")
+    model = build_sr_model(tmp_path_factory.mktemp("sr-model") / "compact_x4.pth", seed=2)
+    sr_remote = start_remote(tree, Path(tiny_models["root"]).absolute(), python=sr_python())
+    home = tmp_path_factory.mktemp("sr-artist-machine")
+    shutil.copy(sr_remote.token_file, home / "gpu-box.token")
+    (home / "gpu-box.token").chmod(0o600)
+    _AUDIT["forbidden"] = (*_AUDIT["forbidden"], str(tree))
+    fwd = Forwarder(sr_remote.port)
+    spec = RemoteSpec(token_file=home / "gpu-box.token", address=f"127.0.0.1:{fwd.port}")
+    try:
+        with RemoteWorkerClient(spec, log_dir=home / "logs", heartbeat_timeout=10.0) as remote_client:
+            seen = frames_of(fwd)
+            sized = job(home, width=64, height=32, steps=1, size="4k", upscale_model=model)
+            result = remote_client.run(sized, timeout=300)
+    finally:
+        fwd.close()
+        sr_remote.proc.terminate()
+        sr_remote.proc.wait(10)
+    worker_result = next(m for m in seen if m["type"] == "result")
+    declared = {f["key"]: f for f in worker_result["remote_files"]}
+    assert set(declared) == {"path", "native.path"}  # no HDR asked for: the two PNGs
+    native = result["native"]
+    renders = home / "renders"
+    assert Path(native["path"]).parent == renders and Path(result["path"]).parent == renders
+    assert Path(result["path"]).name == Path(native["path"]).stem + "_4k.png"
+    assert (native["width"], native["height"]) == (64, 32)
+    for key, local_path in (("path", result["path"]), ("native.path", native["path"])):
+        assert sha256_file(Path(local_path)) == declared[key]["sha256"]
+    with Image.open(result["path"]) as big, Image.open(native["path"]) as small:
+        assert big.size == (4096, 2048) and small.size == (64, 32)
+    assert result["metadata"]["upscale"]["passes"] == 3 and result["metadata"]["upscale"]["width"] == 4096

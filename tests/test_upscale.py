@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dit360_blender.panorama.seam import SEAM_MIN_PERIODS
 from dit360_blender.pipeline.errors import BadParametersError
+from dit360_blender.pipeline.make_upscale import seam_period
 from dit360_blender.pipeline.upscale import SuperResolution, extend_sphere, plan_passes, upscale, upscale_pass
 
 H, W = 24, 48
@@ -138,6 +140,17 @@ def test_chained_passes_and_the_box_filter_reach_the_asked_width():
     assert np.abs(upscale(image, x4, 8 * W, tile=9).numpy() - repeat).max() < 1e-6
     assert plan_passes(2048, 8192, 4) == (1, 1) and plan_passes(2048, 16384, 4) == (2, 2)
     assert plan_passes(2048, 16384, 2) == (3, 1) and plan_passes(2048, 2048, 4) == (0, 1)
+
+
+def test_the_seam_is_scored_on_the_grid_of_the_source_pixels():
+    # the output columns where a new source pixel begins repeat every `period` columns
+    for source, width in ((512, 8192), (2048, 4096), (768, 4096), (2048, 2048)):
+        period = seam_period(source, width)
+        starts = {int(np.floor(i * width / source)) for i in range(source)}
+        assert all(x in starts for x in range(0, width, period)), (source, width)
+        assert width % period == 0 and (period == 1 or width // period >= SEAM_MIN_PERIODS)
+    assert [seam_period(s, w) for s, w in ((512, 8192), (768, 4096), (2048, 2048))] == [16, 16, 1]
+    assert seam_period(100, 4096) == 1  # 4096/100 = 1024/25: four periods are too few to compare
 
 
 def test_sizes_a_model_cannot_reach_are_refused_with_the_ones_it_can():

@@ -19,7 +19,7 @@ from .rgbe import write_hdr_files
 from .seam import seam_score
 
 
-def analyze(rgb: np.ndarray, sun_share: float = 0.6) -> tuple[dict, HdrResult]:
+def analyze(rgb: np.ndarray, sun_share: float = 0.6, seam_period: int = 1) -> tuple[dict, HdrResult]:
     """(metadata {"seam": …, "lighting": …}, the HDR result) for an (H, W, 3) uint8 panorama.
 
     The seam score and the HDR expansion are independent and numpy releases the GIL in their
@@ -27,12 +27,13 @@ def analyze(rgb: np.ndarray, sun_share: float = 0.6) -> tuple[dict, HdrResult]:
     wider than 2048 goes through panorama/large.py: the sun and the pole detail are measured on a
     2048-wide copy, the seam statistics in bands of rows, and the HDR images are computed band by
     band when written (`HdrResult.hdr`/`.lighting` are then `large.Environment`s), so a 16K
-    panorama is never held as float."""
+    panorama is never held as float. `seam_period`: an upscale's whole factor (seam.seam_score's
+    `period`: the wrap is compared with the boundaries between source pixels)."""
     rgb = np.asarray(rgb)
     large = rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[1] > ANALYSIS_WIDTH
     small = analysis_copy(rgb) if large else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-seam") as pool:
-        seam = pool.submit(seam_score, rgb, pole_image=small)
+        seam = pool.submit(seam_score, rgb, pole_image=small, period=seam_period)
         if large:
             hdr = expand_large(rgb, sun_share=sun_share, small=small)
         else:

@@ -30,6 +30,14 @@ ones, robustly:
 * ``percentile`` = share (%) of interior boundaries with a smaller local ratio (ties count half):
   about 50 is typical, 100 means the wrap is the most unusual boundary of the image.
 
+An image upscaled by a whole factor p (``period``; an upscale job passes its output width over its
+source width) has a grid: every p-th boundary lies between two source pixels and the others inside
+one, so the two kinds differ systematically (a network that adds a nearest-neighbour copy of its
+input, as Real-ESRGAN Compact does, makes the first kind a step and the second nearly flat) and the
+wrap, always between source pixels, would stand out among all boundaries however seamless it is.
+With ``period`` p only the W/p boundaries between source pixels (x = p-1, 2p-1, ..., the wrap) are
+scored, each against its own kind (distances 2..9 counted among them).
+
 ``seam_ok`` is false when, for either statistic, z > 3.5 (the usual outlier cut for modified
 z-scores) AND the wrap's value exceeds its neighbourhood's by more than 1/255 (``2 * noise_floor``), so
 an invisible 1/255 step in a flat sky is not called a seam. Measured on synthetic 512x256 panoramas:
@@ -65,12 +73,13 @@ BAND_PIXELS = 2048 * 1024  # up to this size the statistics are taken in one pas
 # stay ~6 MB each (small enough for malloc to reuse instead of mapping fresh pages every band)
 LARGE_BAND_PIXELS = 1 << 18
 
-__all__ = ["SeamReport", "column_offsets", "column_steps", "pole_detail", "seam_score"]
+__all__ = ["SEAM_MIN_PERIODS", "SeamReport", "column_offsets", "column_steps", "pole_detail", "seam_score"]
 
 MAD_TO_SIGMA = 1.4826  # MAD * this = standard deviation for normally distributed data
 SEAM_Z_THRESHOLD = 3.5  # Iglewicz & Hoaglin's outlier cut for modified z-scores
 LOCAL_NEAR, LOCAL_FAR = 2, 9  # neighbouring boundaries (distance in columns) that set the local scale
 MIN_RATIO_SIGMA = 0.05  # floor of the ratios' spread: an image with identical columns has MAD 0
+SEAM_MIN_PERIODS = 2 * (LOCAL_FAR + 1)  # a `period` must leave this many boundaries to compare
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ class SeamReport:
     wrap_offset: float  # band-averaged |signed step| across the wrap, 0..1 units
     interior_offset_median: float
     seam_ok: bool  # no outlier that is also visible (see the module docstring)
+    period: int  # 1, or p: only every p-th boundary (between an upscale's source pixels) was scored
     pole_detail_top: float | None  # zenith cube face detail / side faces' detail
     pole_detail_bottom: float | None  # nadir cube face detail / side faces' detail
     pole_detail_ratio: float | None  # both pole faces / side faces (~1 good, << 1 blurred, >> 1 noisy)
@@ -104,6 +114,11 @@ class SeamReport:
             f"{self.wrap_offset * 255:.2f}/255 across the wrap, interior median {self.interior_offset_median * 255:.2f}/255",
             f"  (z above {SEAM_Z_THRESHOLD} = an outlier among the image's own column boundaries)",
         ]
+        if self.period > 1:
+            lines.append(
+                f"  compared with the boundaries between source pixels only (every {self.period}th "
+                "column: an upscale's grid)"
+            )
         if self.pole_detail_ratio is None:
             lines.append("poles       no detail anywhere (flat image)")
         else:
@@ -122,6 +137,7 @@ def seam_score(
     noise_floor: float = 0.5 / 255,
     z_threshold: float = SEAM_Z_THRESHOLD,
     pole_image: np.ndarray | None = None,
+    period: int = 1,
 ) -> SeamReport:
     """Score the wrap seam and the pole detail of an equirectangular image (H, W, 3), uint8 or float 0..1.
 
@@ -129,13 +145,22 @@ def seam_score(
     `z_threshold`: the outlier cut. See the module docstring. `pole_image`: where to measure the pole
     detail instead (a downsampled copy of a large panorama: the cube faces of a 16K image would be
     4096 pixels square); the seam statistics are always measured on `image`, in bands of rows.
+    `period`: score only every `period`-th boundary, those between the source pixels of an image
+    upscaled by that whole factor (see the module docstring); it must divide the width.
     """
     image = np.asarray(image)
     height, width = image.shape[:2]
     if width < 8 or height < 4:
         raise ValueError(f"image too small for a seam score: {width}x{height}")
-    step = _wrap_stats(column_steps(image), noise_floor)
-    offset = _wrap_stats(column_offsets(image, bands), noise_floor)
+    period = int(period)
+    if period < 1 or width % period or (period > 1 and width // period < SEAM_MIN_PERIODS):
+        raise ValueError(
+            f"a seam period of {period} does not fit a {width} px wide image: it must divide the "
+            f"width and leave at least {SEAM_MIN_PERIODS} source columns"
+        )
+    on_grid = slice(period - 1, None, period)  # the last of them is the wrap (x = W-1)
+    step = _wrap_stats(column_steps(image)[on_grid], noise_floor)
+    offset = _wrap_stats(column_offsets(image, bands)[on_grid], noise_floor)
     poles = pole_detail(image if pole_image is None else pole_image)
     return SeamReport(
         seam_z=step["z"],
@@ -147,6 +172,7 @@ def seam_score(
         wrap_offset=offset["wrap"],
         interior_offset_median=offset["median"],
         seam_ok=not any(st["z"] > z_threshold and st["excess"] > 2 * noise_floor for st in (step, offset)),
+        period=period,
         pole_detail_top=poles["top"],
         pole_detail_bottom=poles["bottom"],
         pole_detail_ratio=poles["ratio"],

@@ -67,10 +67,13 @@ def write_panorama(
     exr: bool = True,
     cubemap: str = "none",
     sun_share: float = 0.6,
+    seam_period: int = 1,
     on_stage: Callable[[str], None] | None = None,
 ) -> Panorama:
-    """Write a finished `generation` (a generated or an edited panorama) as every job writes it: the
-    PNG with its metadata and analysis, the HDR files, EXRs and cube maps asked for; all or none."""
+    """Write a finished `generation` (a generated, edited or upscaled panorama) as every job writes
+    it: the PNG with its metadata and analysis, the HDR files, EXRs and cube maps asked for; all or
+    none. `seam_period`: an upscale's whole factor (the seam score compares the wrap with the
+    boundaries between source pixels, panorama/seam.py)."""
     if on_stage is not None:
         on_stage("saving")
     t0 = time.perf_counter()
@@ -78,7 +81,7 @@ def write_panorama(
     metadata = {**generation.metadata, "package_version": __version__}
     hdr_result = None
     if hdr:
-        analysis, hdr_result = analyze(rgb, sun_share=sun_share)
+        analysis, hdr_result = analyze(rgb, sun_share=sun_share, seam_period=seam_period)
         metadata.update(analysis)
     path, files = _write_files(out, rgb, metadata, hdr_result, exr=exr, cubemap=cubemap)
     timings = {k: v for k, v in generation.timings.items() if k != "total_s"}

@@ -11,6 +11,7 @@ onto the device or written, with the widths it can reach.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..panorama.seam import SEAM_MIN_PERIODS
 from ..params import SIZE_WIDTHS
 from .dit360 import Generation, pick_device
 from .errors import BadParametersError
@@ -141,7 +143,8 @@ def make_upscale(
     Raises BadParametersError (unreadable source, unreachable size, a tile the device cannot hold),
     Cancelled, or the write errors of write_panorama; nothing is written unless everything ran."""
     image, source_meta = read_source(source)
-    width, passes, factor = check_size(model, image.shape[-1], settings.size)
+    source_width = image.shape[-1]
+    width, passes, factor = check_size(model, source_width, settings.size)
     tile = settings.tile or tile_for_budget(
         model.sr,
         model.device,
@@ -185,9 +188,20 @@ def make_upscale(
     metadata["upscale"] = info
     upscaled = UpscaledImage(image=result, request=None, metadata=metadata, timings=timings)
     del result
+    period = seam_period(source_width, width)
     return write_panorama(
-        upscaled, out, hdr=hdr, exr=exr, cubemap=cubemap, sun_share=sun_share, on_stage=on_stage
-    )
+        upscaled, out, hdr=hdr, exr=exr, cubemap=cubemap, sun_share=sun_share, seam_period=period,
+        on_stage=on_stage,
+    )  # fmt: skip
+
+
+def seam_period(source_width: int, width: int) -> int:
+    """The period of an upscale's column grid, which the seam score compares the wrap within
+    (panorama/seam.py): for a width ratio a/b in lowest terms the pattern of source-pixel boundaries
+    repeats every a output columns (b source pixels), and the wrap is at the start of one. 1 when too
+    few periods fit to compare with."""
+    period = width // math.gcd(width, source_width)
+    return period if width // period >= SEAM_MIN_PERIODS else 1
 
 
 class UpscaledImage(Generation):
