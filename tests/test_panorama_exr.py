@@ -54,6 +54,17 @@ def test_random_linear_image_reads_back_within_half_precision(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.exr"]  # no partial file left
 
 
+@pytest.mark.parametrize("blocked", ["pano.hdr", "pano_lighting.exr"])
+def test_one_file_that_cannot_be_written_leaves_none_of_the_others(tmp_path, sunny, blocked):
+    """The four files are written side by side; a folder in the way of one (a real failure of
+    os.replace) fails the call and removes the three that were written."""
+    _, _, hdr = sunny
+    (tmp_path / blocked).mkdir()
+    with pytest.raises(OSError):
+        write_lighting_files(tmp_path / "pano.png", hdr, exr=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [blocked]  # no file, no partial file
+
+
 def test_the_environments_beside_the_hdrs_hold_their_linear_data(tmp_path, sunny):
     _, _, hdr = sunny
     files = write_lighting_files(tmp_path / "pano.png", hdr, exr=True)

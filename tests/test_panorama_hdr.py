@@ -196,6 +196,28 @@ def test_reader_handles_run_length_encoded_files(tmp_path):
     assert np.array_equal(read_hdr(path), decode_rgbe(rgbe))
 
 
+def _rgbe_by_hand(pixel) -> tuple[int, int, int, int]:
+    """Radiance's rule for one pixel in Python floats: the shared exponent of the largest channel."""
+    values = [max(float(c), 0.0) for c in pixel]
+    peak = max(values)
+    _, exponent = math.frexp(peak)
+    if peak <= 1e-32 or exponent + 128 < 1:
+        return (0, 0, 0, 0)
+    return (*(min(255, math.floor(v * 256.0 / 2.0**exponent)) for v in values), exponent + 128)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rgbe_bytes_follow_the_rule_in_either_float_type(dtype):
+    rng = np.random.default_rng(7)
+    image = rng.lognormal(0.0, 6.0, (20, 30, 3)) * rng.choice(
+        [0.0, 1.0, -1.0], (20, 30, 3), p=[0.1, 0.8, 0.1]
+    )
+    image[0, :8, 1] = [1e-40, 1e-33, 1.6e38, 65504.0, 0.5, 255.99, 2.0**-126, 1.1e-32]
+    image = image.astype(dtype)
+    expected = np.array([[_rgbe_by_hand(px) for px in row] for row in image], dtype=np.uint8)
+    assert np.array_equal(encode_rgbe(image), expected)
+
+
 def test_bad_files_are_refused(tmp_path):
     (tmp_path / "a.hdr").write_bytes(b"P6\n")
     with pytest.raises(ValueError, match="not a Radiance"):

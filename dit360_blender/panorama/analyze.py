@@ -15,7 +15,7 @@ import numpy as np
 from .exr import write_exr
 from .hdr import HdrResult, expand_to_hdr
 from .large import ANALYSIS_WIDTH, analysis_copy, expand_large
-from .rgbe import write_hdr_files
+from .rgbe import hdr_paths, write_hdr
 from .seam import seam_score
 
 
@@ -47,20 +47,28 @@ def write_lighting_files(png_path: Path, hdr: HdrResult, exr: bool = False) -> d
     an earlier panorama written under the same name, and Blender would prefer them); returns
     {"hdr", "lighting"[, "hdr_exr", "lighting_exr"]} as path strings.
 
+    A panorama held as arrays (2K: every job's tail) has its files written side by side, one thread
+    each (numpy and the EXR compression release the GIL); a large one's (`large.Environment`,
+    computed band by band on threads of its own) one after another, so only one whole-image EXR
+    buffer exists at a time.
+
     Raises OSError (to be reported as a disk write failure) with nothing half-written: each file
-    is written atomically, and the ones written are removed again if a later one fails.
+    is written atomically, and the ones written are removed again if another one fails.
     """
-    png_path = Path(png_path)
-    try:
-        files = {name: str(path) for name, path in write_hdr_files(png_path, hdr).items()}
-        for name, image in (("hdr", hdr.hdr), ("lighting", hdr.lighting)):
-            target = Path(files[name]).with_suffix(".exr")
-            if exr:
-                files[f"{name}_exr"] = str(write_exr(target, image))
-            else:  # an EXR of an earlier panorama of this name would be shown instead of the new .hdr
-                target.unlink(missing_ok=True)
-        return files
-    except OSError:
-        for suffix in (".hdr", "_lighting.hdr", ".exr", "_lighting.exr"):
-            png_path.with_name(png_path.stem + suffix).unlink(missing_ok=True)
-        raise
+    targets = {name: (write_hdr, path, getattr(hdr, name)) for name, path in hdr_paths(png_path).items()}
+    for name in ("hdr", "lighting"):
+        target = targets[name][1].with_suffix(".exr")
+        if exr:
+            targets[f"{name}_exr"] = (write_exr, target, targets[name][2])
+        else:  # an EXR of an earlier panorama of this name would be shown instead of the new .hdr
+            target.unlink(missing_ok=True)
+    lanes = 1 if any(hasattr(image, "bands") for _, _, image in targets.values()) else len(targets)
+    with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="dit360-files") as pool:
+        pending = {name: pool.submit(write, path, image) for name, (write, path, image) in targets.items()}
+    failures = [f.exception() for f in pending.values() if f.exception() is not None]
+    if failures:
+        for future in pending.values():
+            if future.exception() is None:  # only what this call wrote: a failed one left nothing
+                Path(future.result()).unlink(missing_ok=True)
+        raise failures[0]
+    return {name: str(future.result()) for name, future in pending.items()}

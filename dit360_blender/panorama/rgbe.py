@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["decode_rgbe", "encode_rgbe", "read_hdr", "write_hdr", "write_hdr_files"]
+__all__ = ["decode_rgbe", "encode_rgbe", "hdr_paths", "read_hdr", "write_hdr", "write_hdr_files"]
 
 _TINY = 1e-32  # below this a pixel is stored as black (exponent 0)
 
@@ -57,18 +57,25 @@ def write_hdr(path: str | os.PathLike, image: np.ndarray) -> Path:
 
 
 def encode_rgbe(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) float -> (H, W, 4) uint8 RGBE (mantissas truncated; the reader adds half a step)."""
-    image = np.clip(np.asarray(image, dtype=np.float64), 0.0, None)
+    """(H, W, 3) float -> (H, W, 4) uint8 RGBE (mantissas truncated; the reader adds half a step).
+
+    float32 input is encoded in float32 (half the memory traffic of float64, on every job's tail):
+    the same bytes, since frexp, scaling by a power of two and floor are exact in either type."""
+    image = np.asarray(image)
+    kind = np.float32 if image.dtype == np.float32 else np.float64
+    image = np.clip(image, 0.0, None, dtype=kind)
     peak = image.max(axis=-1)
-    mantissa, exponent = np.frexp(peak)  # peak = mantissa * 2**exponent, mantissa in [0.5, 1)
-    exponent = exponent.astype(np.int64)
+    _, exponent = np.frexp(peak)  # peak = mantissa * 2**exponent, mantissa in [0.5, 1)
     if np.any((exponent > 127) & (peak > _TINY)):
         raise ValueError("values too large for RGBE (> 1.7e38)")
-    visible = (peak > _TINY) & (exponent + 128 >= 1)
-    scale = np.where(visible, np.ldexp(256.0, -exponent), 0.0)  # 256 / 2**exponent
-    out = np.zeros(image.shape[:-1] + (4,), dtype=np.uint8)
-    out[..., :3] = np.clip(np.floor(image * scale[..., None]), 0, 255).astype(np.uint8)
-    out[..., 3] = np.where(visible, exponent + 128, 0).astype(np.uint8)
+    visible = (peak > _TINY) & (exponent >= -127)
+    with np.errstate(over="ignore"):  # 256 / 2**exponent of an invisible pixel may overflow: zeroed
+        scale = np.where(visible, np.ldexp(kind(256.0), -exponent), kind(0.0))
+    out = np.empty(image.shape[:-1] + (4,), dtype=np.uint8)
+    image *= scale[..., None]
+    np.floor(image, out=image)
+    out[..., :3] = np.clip(image, 0, 255)
+    out[..., 3] = np.where(visible, exponent + 128, 0)
     return out
 
 
@@ -105,14 +112,20 @@ def read_hdr(path: str | os.PathLike) -> np.ndarray:
     return decode_rgbe(_read_rle(data, height, width, path))
 
 
-def write_hdr_files(png_path: str | os.PathLike, result) -> dict[str, Path]:
-    """Write a `hdr.HdrResult` next to its PNG: <stem>.hdr (sun in the map) and <stem>_lighting.hdr
-    (the sun clamped, for use with a Sun lamp). Returns {"hdr": path, "lighting": path}."""
+def hdr_paths(png_path: str | os.PathLike) -> dict[str, Path]:
+    """Where a PNG's HDR environments go: {"hdr": <stem>.hdr (sun in the map), "lighting":
+    <stem>_lighting.hdr (the sun clamped, for use with a Sun lamp)}; their EXRs take the same stems."""
     png_path = Path(png_path)
     return {
-        "hdr": write_hdr(png_path.with_suffix(".hdr"), result.hdr),
-        "lighting": write_hdr(png_path.with_name(png_path.stem + "_lighting.hdr"), result.lighting),
+        "hdr": png_path.with_suffix(".hdr"),
+        "lighting": png_path.with_name(png_path.stem + "_lighting.hdr"),
     }
+
+
+def write_hdr_files(png_path: str | os.PathLike, result) -> dict[str, Path]:
+    """Write a `hdr.HdrResult` next to its PNG (`hdr_paths`). Returns {"hdr": path, "lighting": path}."""
+    paths = hdr_paths(png_path)
+    return {name: write_hdr(path, getattr(result, name)) for name, path in paths.items()}
 
 
 def _read_rle(data: np.ndarray, height: int, width: int, path) -> np.ndarray:
