@@ -50,6 +50,7 @@ light a card like the `hdr` world does.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,12 +132,17 @@ def expand_to_hdr(
     """
     if not 0.0 <= sun_share < 1.0:
         raise ValueError(f"sun_share must be in [0, 1), got {sun_share}")
-    linear = linear_image(image).astype(np.float64)
-    height, width = linear.shape[:2]
-    detection = detection if detection is not None else detect_sun(image, params)
-    base = expand_highlights(linear, knee=knee, gain=highlight_gain)
-    omega = row_solid_angles(height, width)[:, None]
-    y_base = luminance(base)
+    # the sun is found while the highlights are expanded (independent passes; numpy releases the
+    # GIL in its array work): this runs on every job's tail
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-sun") as pool:
+        detecting = pool.submit(detect_sun, image, params) if detection is None else None
+        linear = linear_image(image).astype(np.float64)
+        height, width = linear.shape[:2]
+        base = expand_highlights(linear, knee=knee, gain=highlight_gain)
+        del linear
+        omega = row_solid_angles(height, width)[:, None]
+        y_base = luminance(base)
+        detection = detecting.result() if detecting is not None else detection
 
     hdr = base
     sun_gain, share, irradiance = 1.0, 0.0, (0.0, 0.0, 0.0)

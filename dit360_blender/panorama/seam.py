@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -159,9 +160,14 @@ def seam_score(
             f"width and leave at least {SEAM_MIN_PERIODS} source columns"
         )
     on_grid = slice(period - 1, None, period)  # the last of them is the wrap (x = W-1)
-    step = _wrap_stats(column_steps(image)[on_grid], noise_floor)
-    offset = _wrap_stats(column_offsets(image, bands)[on_grid], noise_floor)
-    poles = pole_detail(image if pole_image is None else pole_image)
+    # three independent passes over the image, side by side (numpy releases the GIL in its array
+    # work): this runs on every job's tail
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dit360-seam-part") as pool:
+        poles_pending = pool.submit(pole_detail, image if pole_image is None else pole_image)
+        offsets_pending = pool.submit(column_offsets, image, bands)
+        step = _wrap_stats(column_steps(image)[on_grid], noise_floor)
+        offset = _wrap_stats(offsets_pending.result()[on_grid], noise_floor)
+        poles = poles_pending.result()
     return SeamReport(
         seam_z=step["z"],
         seam_percentile=step["percentile"],
