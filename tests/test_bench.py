@@ -42,3 +42,20 @@ def test_bench_times_quantised_checkpoints_with_and_without_the_lora(tmp_path):
         assert record["lora_effect_rel"] > 1e-6, record  # the side path ran (0.0 without it)
         assert record["side_path_cost_lora"] > 0
     assert not list((tmp_path / "models" / "quantised").iterdir())  # each file removed after its runs
+
+
+def test_files_bench_times_the_saving_stage_it_runs_for_real(tmp_path):
+    from dit360_blender.bench import files
+
+    out = tmp_path / "files.json"
+    assert files.main(["--widths", "256", "--repeats", "2", "--label", "here", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    size = record["sizes"][0]
+    assert record["label"] == "here" and (size["width"], size["height"]) == (256, 128)
+    assert len(size["runs_save_s"]) == 2 and all(t > 0 for t in size["runs_save_s"])
+    assert set(size["one_file_s"]) == {"png", "hdr", "exr"}
+    # the synthetic panorama has the sun the analysis must find (else the sun path goes untimed)
+    from dit360_blender.panorama.analyze import analyze
+
+    analysis, _ = analyze(files.sunny_panorama(512))
+    assert analysis["lighting"]["sun"] is not None

@@ -71,11 +71,34 @@ def time_width(width: int, repeats: int, folder: Path) -> dict:
         del hdr
         for p in folder.iterdir():
             p.unlink()
+    _, hdr = analyze(rgb)
+    record["one_file_s"] = _one_file_each(rgb, hdr, folder)  # what bounds the files written side by side
+    del hdr
     record["save_s"] = statistics.median(totals)
     record["analyze_s"] = statistics.median(analyses)
     record["hdr_exr_files_s"] = statistics.median(files)
     record["runs_save_s"] = totals
     return record
+
+
+def _one_file_each(rgb: np.ndarray, hdr, folder: Path) -> dict[str, float]:
+    """Seconds of each writer alone, once: the PNG (with a metadata chunk), one .hdr, one .exr."""
+    from dit360_blender.panorama.exr import write_exr
+    from dit360_blender.panorama.rgbe import write_hdr
+    from dit360_blender.pipeline.image_io import save_png
+
+    out = {}
+    for name, write in (
+        ("png", lambda: save_png(folder / "one.png", rgb, {"prompt": "bench"})),
+        ("hdr", lambda: write_hdr(folder / "one.hdr", hdr.hdr)),
+        ("exr", lambda: write_exr(folder / "one.exr", hdr.hdr)),
+    ):
+        t0 = time.perf_counter()
+        write()
+        out[name] = time.perf_counter() - t0
+    for p in folder.iterdir():
+        p.unlink()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             out["sizes"].append(record)
             print(
                 f"{args.label or 'files'} {width}x{width // 2}: save {record['save_s']:.3f} s "
-                f"(analyze {record['analyze_s']:.3f} s, HDR+EXR files {record['hdr_exr_files_s']:.3f} s)",
+                f"(analyze {record['analyze_s']:.3f} s, HDR+EXR files {record['hdr_exr_files_s']:.3f} s; alone: "
+                + ", ".join(f"{k} {v:.3f} s" for k, v in record["one_file_s"].items())
+                + ")",
                 flush=True,
             )
     if args.json:
