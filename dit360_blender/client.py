@@ -42,6 +42,7 @@ from .protocol import (
     FINAL_TYPES,
     HEARTBEAT_MISSES,
     HEARTBEAT_TIMEOUT_S,
+    SUCCESS_TYPES,
     TOKEN_ENV,
     WORKER_MESSAGES,
     FrameDecoder,
@@ -266,7 +267,7 @@ class WorkerClient:
                     continue
                 if on_event is not None:
                     on_event(event)
-                if event.get("job_id") == job_id and event["type"] == "result":
+                if event.get("job_id") == job_id and event["type"] in SUCCESS_TYPES:
                     return event
                 if event.get("job_id") == job_id and event["type"] == "error":
                     raise JobError.from_event(event)

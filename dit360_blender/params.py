@@ -90,9 +90,14 @@ def _choices(*items: tuple[str, str, str]) -> tuple[Choice, ...]:
 GENERATE = "generate"
 EDIT = "edit"
 UPSCALE = "upscale"
+WARM = "warm"
 # Every job kind: each is a message type of its own on the wire (protocol.py), with its own runner in
 # the worker (worker/jobs.py: JOB_KINDS_RUN); a parameter says in `jobs` which kinds take it.
-JOB_KINDS: tuple[str, ...] = (GENERATE, EDIT, UPSCALE)
+JOB_KINDS: tuple[str, ...] = (GENERATE, EDIT, UPSCALE, WARM)
+# a warm job loads (and compiles) what the generate with the same parameters will use, and writes
+# nothing (issue 13: the first Generate after the panel opens does not wait for the load): it takes
+# exactly a generate's parameters, so both reach the same loaded model
+PARAMETERS_OF = {WARM: GENERATE}
 SAMPLING_JOBS = frozenset({GENERATE, EDIT})  # the kinds that run the diffusion model
 EDIT_JOB = frozenset({EDIT})
 # upscale (issue 15): the super-resolution of a panorama (and an optional refine pass with the
@@ -397,6 +402,7 @@ def apply_speed(values: Mapping[str, Any]) -> dict:
 
 
 def for_job(job: str = GENERATE) -> tuple[Param, ...]:
+    job = PARAMETERS_OF.get(job, job)
     return tuple(p for p in PARAMS if job in p.jobs)
 
 
@@ -422,7 +428,7 @@ def check_params(values: Mapping[str, Any], job: str = GENERATE) -> dict:
         if p.required and out[p.name] is None:
             raise ParamError(f"The parameter {p.name!r} is required.", _REQUIRED_HINTS[p.name])
     out = check_values(out)
-    rules = _KIND_RULES.get(job)
+    rules = _KIND_RULES.get(PARAMETERS_OF.get(job, job))
     return rules(out) if rules is not None else out
 
 

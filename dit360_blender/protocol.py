@@ -31,6 +31,8 @@ edit                                        every job kind of ``params.JOB_KINDS
                                             by ``check_job_params(kind, params)``; each kind has the
                                             same events (queued … result / error)
 upscale                                     (the third kind: issue 15)
+warm                                        a generate's params: load (and compile) for them,
+                                            write nothing; ends in ``warmed`` (issue 13)
 cancel     job_id                           stop the running job between two sampling steps, or
                                             drop it from the queue
 status     –                                ask for a ``status`` reply
@@ -53,6 +55,7 @@ preview    job_id, step, total, width,      a small PNG (≤ ``MAX_PREVIEW_WIDTH
            height, mime, data (base64)      base64, from a linear latent→RGB projection (no VAE)
 result     job_id, path, width, height,     the image was written to ``path`` (inside the job's
            metadata, timings, model_cached  output_dir); timings in seconds
+warmed     job_id, timings, model_cached    a ``warm`` job's end: its model is loaded (and compiled)
 error      job_id (or null), code, message, a job failed (the job's final event) or a message was
            hint, [fatal], [details]         refused (job_id null); ``hint`` says the fix; ``fatal``:
                                             the worker exits after sending it
@@ -144,7 +147,7 @@ TOKEN_ENV = "DIT360_WORKER_TOKEN"  # the per-launch secret travels in the enviro
 PORT_ANNOUNCE = "DIT360_WORKER_PORT"  # the worker's first stdout line: "DIT360_WORKER_PORT <port>"
 
 # "upscaling"/"refining": an upscale job; its step/total count tiles (refine: tile-steps)
-STAGES = ("loading", "encoding", "sampling", "decoding", "saving", "upscaling", "refining")
+STAGES = ("loading", "encoding", "sampling", "decoding", "saving", "upscaling", "refining", "compiling")
 
 PING_INTERVAL_S = 2.0  # the client's ping period (see Heartbeats)
 HEARTBEAT_MISSES = 15  # silent intervals before a side gives up on the other
@@ -290,6 +293,11 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
         "remote_files": ((_L,), False),  # a serving worker's: [{name, size, sha256}] (Remote workers)
         "native": ((_D,), False),  # a generate with size: the generated {path, width, height, files}
     },
+    "warmed": {  # a warm job's end: the model is loaded (and compiled) for its parameters
+        "job_id": ((_S,), True),
+        "timings": ((_D,), True),
+        "model_cached": ((_B,), True),
+    },
     "error": {
         "job_id": ((_S, _0), True),
         "code": ((_S,), True),
@@ -319,7 +327,8 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
     "uploaded": {"upload_id": ((_S,), True), "size": ((_I,), True)},
 }
 
-FINAL_TYPES = ("result", "error")  # a job's last event is one of these (with its job_id)
+FINAL_TYPES = ("result", "warmed", "error")  # a job's last event is one of these (with its job_id)
+SUCCESS_TYPES = ("result", "warmed")  # the final events of a job that did what it was asked
 
 CHILD_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
     "found": {"components": ((_D,), True)},

@@ -113,6 +113,18 @@ def test_a_dead_workers_message_has_no_progress_bars(jobs):
     assert "\r" not in d["message"] and not re.search(r"\d+%\|", d["message"]), d["message"]
 
 
+def test_the_panel_loads_the_model_in_the_background_when_the_preference_says_so(jobs):
+    d = step(jobs, "warm_on_open")
+    assert d["scheduled_when_off"] is False  # off by default: opening the panel starts nothing
+    assert d["checks"] == ["OK", "OK"] and d["scheduled"] is True and d["warm_started"] is True
+    assert d["info_while_warming"].startswith("Loading the model in the background")
+    assert d["info"].startswith("Model loaded in the background"), d["info"]
+    assert (d["seed"], d["prompt"]) == (4242, "")  # the scene is not touched (randomize was on)
+    assert d["again"] is False  # once per settings
+    assert d["loads_after_warm"] == 1
+    assert d["generate_error"] is None and d["loads_after_generate"] == 1  # the Generate loaded nothing
+
+
 def test_disabling_the_add_on_mid_job_stops_the_worker_and_leaves_the_users_world(jobs):
     d = step(jobs, "disable_mid_job")
     assert d["fake_user_mid_job"] is True  # the waiting World survives a save, autosave or crash

@@ -278,6 +278,7 @@ KIND_BASE = {
     params.GENERATE: BASE,
     params.EDIT: EDIT_BASE,
     params.UPSCALE: {"output_dir": str(ROOT), "source": "/pano/source.png", "size": "4k"},
+    params.WARM: BASE,  # a warm job takes a generate's parameters (params.PARAMETERS_OF)
 }
 
 
@@ -308,6 +309,7 @@ def test_every_kind_is_a_message_and_every_param_names_known_kinds():
     only_edit = {"source", "mask", "mask_kind", "strength", "feather"}
     assert only_edit <= {p.name for p in params.for_job(params.EDIT)}
     assert not only_edit & {p.name for p in params.for_job(params.GENERATE)}
+    assert params.for_job(params.WARM) == params.for_job(params.GENERATE)
 
 
 @pytest.mark.parametrize("kind", params.JOB_KINDS)
@@ -320,7 +322,7 @@ def test_protocol_fills_each_kinds_table_defaults_and_refuses_other_kinds_names(
         if p.name not in KIND_BASE[kind]:
             expected = params.MODELS_DEFAULTS if p.name == "models" else p.default
             assert filled[p.name] == expected, p.name
-    foreign = [p.name for p in params.PARAMS if kind not in p.jobs] + ["not_a_parameter"]
+    foreign = [p.name for p in params.PARAMS if p not in params.for_job(kind)] + ["not_a_parameter"]
     for name in foreign:
         with pytest.raises(ProtocolError) as info:
             check_job_params(kind, {**KIND_BASE[kind], name: None})

@@ -66,12 +66,28 @@ def submit(scene: bpy.types.Scene, link: WorkerLink, **overrides: object) -> Gen
     return gen
 
 
-def _job_from_settings(scene: bpy.types.Scene, link: WorkerLink, overrides: dict) -> Job:
+def warm_job(scene: bpy.types.Scene, link: WorkerLink) -> Job:
+    """The `warm` job for the generate the panel's settings would submit now (its model and device
+    settings, its size): nothing in the scene is changed, the seed included. Raises GenerationError
+    as submit does when no worker Python is set up."""
+    settings = scene.dit360
+    overrides = {"seed": settings.seed, "prompt": settings.prompt.strip() or WARM_PROMPT}
+    job = _job_from_settings(scene, link, overrides, record_seed=False)
+    job.kind = "warm"
+    return job
+
+
+WARM_PROMPT = "This is a panorama image."  # a warm job's prompt when the panel has none yet
+
+
+def _job_from_settings(
+    scene: bpy.types.Scene, link: WorkerLink, overrides: dict, *, record_seed: bool = True
+) -> Job:
     settings = scene.dit360
     seed = overrides.get("seed")
     if seed is None or (isinstance(seed, int) and seed < 0):
         seed = random.randint(0, MAX_SEED) if settings.randomize_seed else settings.seed
-    if settings.randomize_seed or overrides.get("seed") is not None:
+    if record_seed and (settings.randomize_seed or overrides.get("seed") is not None):
         settings.seed = int(seed)  # the panel shows the seed this world was made with
     link.check_python()
     out_dir = overrides.get("output_dir") or output.output_dir(settings)

@@ -12,7 +12,7 @@ import bpy
 
 from . import history, lighting, paths, resolution, resolution_ui
 from . import world as world_nodes
-from .common import runtime
+from .common import prefs, runtime
 from .prefs import schedule_checks
 from .pump import PUMP
 from .thumbnails import THUMBNAILS
@@ -92,6 +92,23 @@ def draw_setup_hints(layout: bpy.types.UILayout) -> None:
         row.operator("dit360.open_preferences", text="", icon="PREFERENCES")
     elif state.models_state == "DOWNLOADING":
         layout.label(text=state.download_status or "Downloading models…", icon="IMPORT")
+
+
+def schedule_warm() -> None:
+    """With the preference on, load the model for the panel's settings right after this draw (a
+    draw must not start processes; PUMP.warm does it once per session per settings), once the
+    worker's packages are known to be there and the model files not known to be missing."""
+    state, preferences = runtime(), prefs()
+    if state is None or preferences is None or not preferences.warm_on_open:
+        return
+    remote = preferences.worker_mode != "LOCAL"
+    if (remote or state.deps_state == "OK") and state.models_state != "MISSING":
+        if not bpy.app.timers.is_registered(_warm_after_draw):
+            bpy.app.timers.register(_warm_after_draw, first_interval=0.0)
+
+
+def _warm_after_draw() -> None:
+    PUMP.warm(bpy.context.scene)
 
 
 def draw_progress(layout: bpy.types.UILayout) -> None:
@@ -209,6 +226,7 @@ class DIT360_PT_main(bpy.types.Panel):
         layout = self.layout
         settings = context.scene.dit360
         draw_setup_hints(layout)
+        schedule_warm()
         layout.prop(settings, "prompt", text="")
         row = layout.row(align=True)
         sub = row.row(align=True)

@@ -107,6 +107,14 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
     )
     preview_every: param_property("preview_every")
     vae_wrap: param_property("vae_wrap")
+    warm_on_open: BoolProperty(
+        name="Load the Model When the Panel Opens",
+        description="Start the worker and load (and compile) the model in the background as soon as "
+        "the DiT360 panel is shown, so the first Generate starts sampling at once. Once per session "
+        "for each combination of settings; the loaded model holds its memory until the worker stops "
+        "when idle. Never downloads",
+        default=False,
+    )
     show_files: BoolProperty(name="Show Individual Files", default=False)
 
     def draw(self, context: bpy.types.Context) -> None:
@@ -212,6 +220,7 @@ class DIT360_Preferences(bpy.types.AddonPreferences):
         col.prop(self, "preview_every")
         col.prop(self, "vae_wrap")
         col.prop(self, "idle_minutes")
+        col.prop(self, "warm_on_open")
         state = runtime()
         if state is not None and state.worker_info:
             box.label(text=state.worker_info, icon="INFO")

@@ -10,17 +10,19 @@ and returns when it wants to run again (None: nothing to do).
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections import deque
 
 import bpy
 
+from ..protocol import FINAL_TYPES
 from ..remote_client import RemoteWorkerClient
 from . import resolution_ops
 from .common import runtime, short, tag_redraw
 from .errors import GenerationError
-from .generation import Generation, submit
+from .generation import Generation, submit, warm_job
 from .link import WorkerLink
 from .remote_prefs import ready_text
 from .setup_tasks import SetupTasks
@@ -28,6 +30,19 @@ from .setup_tasks import SetupTasks
 ACTIVE_INTERVAL_S = 0.1
 IDLE_INTERVAL_S = 2.0
 MAX_EVENTS_PER_TICK = 64  # bounded work per tick: Blender stays responsive whatever arrives
+# what a warm job's settings leave out when deciding whether they were warmed already: the picture's
+# own values, which load nothing of their own
+_NOT_MODEL_SETTINGS = (
+    "prompt",
+    "seed",
+    "output_dir",
+    "filename",
+    "preview_every",
+    "sun_share",
+    "hdr",
+    "exr",
+    "cubemap",
+)
 
 
 class Pump:
@@ -36,6 +51,8 @@ class Pump:
         self.setup = SetupTasks(self.link, wake=ensure_timer)
         self.job: Generation | None = None  # the last generation submitted (done or not)
         self._backlog: deque[dict] = deque()  # events polled but not handled yet (bounded ticks)
+        self.warm_id: str | None = None  # a running `warm` job (preferences: load when the panel opens)
+        self._warmed: set[str] = set()  # the settings warmed (or tried) this session: once each
 
     @property
     def busy(self) -> bool:
@@ -57,6 +74,45 @@ class Pump:
         ensure_timer()
         tag_redraw()
         return self.job
+
+    def warm(self, scene: bpy.types.Scene) -> bool:
+        """Load the model for the panel's current settings in the background (a `warm` job), once
+        per session for each combination of them; nothing while a job runs or with no worker Python
+        set up. True when a warm job was submitted."""
+        if self.busy or self.warm_id is not None:
+            return False
+        try:
+            job = warm_job(scene, self.link)
+        except GenerationError:  # not set up yet: the panel already says what is missing
+            return False
+        params = job.to_params()
+        key = json.dumps({k: v for k, v in params.items() if k not in _NOT_MODEL_SETTINGS}, sort_keys=True)
+        if key in self._warmed:
+            return False
+        self._warmed.add(key)
+        try:
+            self.warm_id = self.link.ensure_client().submit(job)
+        except ValueError:  # a value the worker would refuse: Generate will say so
+            return False
+        state = runtime()
+        if state is not None:
+            state.worker_info = "Loading the model in the background…"
+        self.link.note_busy()
+        ensure_timer()
+        return True
+
+    def _on_warm_event(self, event: dict) -> None:
+        kind, state = event.get("type"), runtime()
+        if kind not in FINAL_TYPES:
+            return
+        self.warm_id = None
+        if state is None:
+            return
+        if kind == "warmed":
+            seconds = float(event["timings"].get("total_s", 0.0))
+            state.worker_info = f"Model loaded in the background ({seconds:.0f} s): Generate starts at once"
+        else:
+            state.worker_info = short(f"Background load: {event.get('message', '')}")
 
     def cancel(self) -> bool:
         """Ask the worker to stop the job; its final `cancelled` event restores the World."""
@@ -101,7 +157,7 @@ class Pump:
                 self._on_event(self._backlog.popleft())
                 changed = True
             changed |= self.setup.pump()
-            if self.busy:
+            if self.busy or self.warm_id is not None:
                 self.link.note_busy()
             else:
                 self.link.stop_if_idle()
@@ -109,7 +165,7 @@ class Pump:
             traceback.print_exc()
         if changed:
             tag_redraw()
-        if self.busy or self.setup.active or self._backlog:
+        if self.busy or self.setup.active or self._backlog or self.warm_id is not None:
             return ACTIVE_INTERVAL_S
         return IDLE_INTERVAL_S if self.link.needs_watching() else None
 
@@ -120,6 +176,9 @@ class Pump:
             if state is not None:
                 remote = isinstance(self.link.client, RemoteWorkerClient)
                 state.worker_info = ready_text(event, remote)
+            return
+        if self.warm_id is not None and event.get("job_id") == self.warm_id:
+            self._on_warm_event(event)
             return
         job = self.job
         if job is None or job.done or event.get("job_id") != job.job_id:

@@ -210,6 +210,24 @@ class JobRunner:
         big.timings = {**made.timings, **{f"upscale_{k}": v for k, v in big.timings.items()}}
         self.send_result(job, big, width, width // 2, timings, cached, native=native)
 
+    def _warm(self, job: QueuedJob) -> None:
+        """Load what a generate with these parameters uses; where its blocks are compiled, also run
+        one step at its size (the compile, or the load of the compile cache, happens there), so the
+        generate that follows starts sampling at full speed. Writes nothing."""
+        p = apply_speed(job.params)
+        pipe, cached, timings = self.load_pipeline(job, p)
+        if pipe.model_info.get("compiled"):
+            self.stage(job, "compiling")
+            t0 = time.monotonic()
+            request = GenerateRequest(
+                prompt=p["prompt"], seed=0, steps=1, guidance=float(p["guidance"]), width=p["width"],
+                height=p["height"],
+            )  # fmt: skip
+            pipe.generate(request, should_cancel=job.cancel.is_set)
+            timings["compile_s"] = time.monotonic() - t0
+        timings["total_s"] = time.monotonic() - job.started
+        self.send(message("warmed", job_id=job.job_id, timings=timings, model_cached=cached))
+
     # -- what every job kind shares ----------------------------------------------------------------
 
     def load_pipeline(self, job: QueuedJob, p: dict) -> tuple[DiT360Pipeline, bool, dict]:
@@ -421,4 +439,5 @@ JOB_KINDS_RUN: dict[str, Callable[[JobRunner, QueuedJob], None]] = {
     "generate": JobRunner._generate,
     "edit": _run_edit,
     "upscale": _run_upscale,
+    "warm": JobRunner._warm,
 }

@@ -327,6 +327,41 @@ def step_worker_died(data: dict) -> None:
     data["message"] = err.message if err else ""
 
 
+def step_warm_on_open(data: dict) -> None:
+    """Preference "Load the Model When the Panel Opens": the panel's draw schedules a warm job once
+    the checks say the packages are there; it loads the model in the worker without touching the
+    scene (the seed stays), once per settings; the Generate after it loads nothing."""
+    harness.reset_scene()
+    stop_worker()
+    panels, preferences, state = mod("panels"), mod("common").prefs(), mod("common").runtime()
+    scene = bpy.context.scene
+    scene.dit360.randomize_seed, scene.dit360.seed = True, 4242
+    scene.dit360.prompt = ""
+    preferences.warm_on_open = False
+    panels.schedule_warm()
+    data["scheduled_when_off"] = TIMERS.is_registered(panels._warm_after_draw)
+    preferences.warm_on_open = True
+    mod("prefs").schedule_checks()
+    checking = ("UNKNOWN", "CHECKING")
+    run_until(lambda: state.deps_state not in checking and state.models_state not in checking, timeout=120)
+    data["checks"] = [state.deps_state, state.models_state]
+    panels.schedule_warm()
+    data["scheduled"] = TIMERS.is_registered(panels._warm_after_draw)
+    run_until(lambda: not TIMERS.is_registered(panels._warm_after_draw))
+    data["warm_started"] = pump().warm_id is not None
+    data["info_while_warming"] = state.worker_info
+    run_until(lambda: pump().warm_id is None, timeout=180)
+    data["info"] = state.worker_info
+    data["seed"], data["prompt"] = scene.dit360.seed, scene.dit360.prompt
+    data["again"] = pump().warm(scene)  # the same settings: not twice
+    data["loads_after_warm"] = pump().link.client.status()["loads"]
+    generate(seed=5, steps=2)
+    run_until(job_done)
+    data["generate_error"] = pump().job.error.code if pump().job.error else None
+    data["loads_after_generate"] = pump().link.client.status()["loads"]
+    preferences.warm_on_open = False
+
+
 def step_disable_mid_job(data: dict) -> None:
     """Disabling the add-on mid-job: the worker stops, the World is the user's again, nothing of the
     preview stays, the fake user is gone."""
@@ -360,6 +395,7 @@ ORDER = [
     ("timer_latency", step_timer_latency),
     ("start_failure", step_start_failure),
     ("worker_died", step_worker_died),
+    ("warm_on_open", step_warm_on_open),
     ("disable_mid_job", step_disable_mid_job),
 ]
 
