@@ -11,19 +11,23 @@ def test_bench_tiny_smoke(tmp_path):
     out = tmp_path / "results"
     assert main(["--tiny", "--out", str(out), "--work", str(tmp_path / "models"), "--repeats", "1",
                  "--steps", "2", "--modes", "resident,fp8,stream:8", "--jobs", "resident",
-                 "--worker", "auto bf16"]) == 0  # fmt: skip
+                 "--worker", "auto bf16,auto bf16 warmed"]) == 0  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert results["diffusers"]["step_s"] > 0
     assert results["modes"]["resident"]["job_s"] > 0
     assert results["modes"]["fp8"]["step_s"] > 0
     assert results["modes"]["stream:8"] == {"skipped": "needs CUDA"}
     # the user's path: a real worker through the real client, cold then warm, timed to `result`
-    (worker,) = results["worker"]
+    worker, warmed = results["worker"]
     assert worker["name"] == "auto bf16" and worker["spawn_to_ready_s"] > 0, worker
     for job in (worker["cold"], worker["warm"]):
         assert 0 < job["last_step_s"] < job["result_s"] and job["tail_after_last_step_s"] > 0
         assert job["transformer_evaluations"] == 2
     assert worker["cold"]["worker_timings"]["load_s"] > worker["warm"]["worker_timings"]["load_s"]
+    # a warm job first (the panel's "Load the Model When the Panel Opens"): the first generate loads nothing
+    assert warmed["name"] == "auto bf16 warmed" and warmed["preload"]["worker_timings"]["load_s"] > 0
+    assert warmed["preload"]["transformer_evaluations"] is None  # it samples nothing on the CPU
+    assert warmed["cold"]["worker_timings"]["load_s"] < warmed["preload"]["worker_timings"]["load_s"] / 10
     table = (out / "results.md").read_text()
     assert "| resident |" in table and "diffusers eager" in table and "| auto bf16 |" in table
 

@@ -32,7 +32,7 @@ from ..pipeline.sampling import image_ids, wrap_pad_ids
 from .checkpoints import KINDS, checkpoint_variants
 from .report import markdown_table
 from .synthetic import FULL, TINY, write_synthetic_models
-from .user_path import WORKER_VARIANTS, diffusers_compiled, worker_jobs
+from .user_path import diffusers_compiled, worker_jobs, worker_variant
 
 PROMPT = "This is a panorama. A sunny alpine lake surrounded by pine forest and snowy peaks."
 GIB = 2**30
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--worker",
         default="",
-        help="worker variants to time through the real client, comma-separated (user_path.WORKER_VARIANTS; "
+        help="worker variants to time through the real client, comma-separated (user_path.WORKER_VARIANTS, "
+        "each optionally + ' warmed': a warm job first; "
         "a name twice = a second launch of it, with the compile cache warm)",
     )
     args = parser.parse_args(argv)
@@ -148,7 +149,7 @@ class Bench:
             _free()
             try:
                 record = worker_jobs(
-                    work, user_dir, WORKER_VARIANTS[name], self.width, self.height, self.args.steps,
+                    work, user_dir, worker_variant(name), self.width, self.height, self.args.steps,
                     self.device if self.cuda else None,
                 )  # fmt: skip
             except Exception as exc:  # one failing variant must not lose the others' numbers
