@@ -231,6 +231,17 @@ def test_a_second_run_keeps_the_first_runs_files(client, local):
     assert set(first) <= {p.name for p in (local / "renders").iterdir()}
 
 
+def test_a_warm_job_ends_in_warmed_and_leaves_no_job_folder(client, local, remote):
+    before = sorted(p.name for p in (local / "renders").iterdir())
+    warmed = client.run(job(local, kind="warm"), timeout=240)
+    assert warmed["type"] == "warmed" and warmed["model_cached"] is True  # the module's worker is loaded
+    assert sorted(p.name for p in (local / "renders").iterdir()) == before  # nothing came back
+    deadline = time.monotonic() + 5
+    while warmed["job_id"] in remote.job_folders() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert warmed["job_id"] not in remote.job_folders()
+
+
 def test_an_edit_uploads_its_source_and_mask_and_keeps_the_source_outside_the_mask(
     client, local, remote, tunnel
 ):
