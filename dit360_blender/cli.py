@@ -324,12 +324,10 @@ class _Progress:
 
 def _recorded_seam_period(image) -> int:
     """The seam period a panorama of ours records in its metadata (an upscale's grid), else 1."""
-    import json
+    from .pipeline.image_io import image_metadata
 
-    try:
-        period = json.loads(getattr(image, "text", {}).get("dit360:seam", "{}")).get("period", 1)
-    except (ValueError, AttributeError):  # not our JSON: score it as any image
-        return 1
+    seam = image_metadata(image).get("seam")
+    period = seam.get("period") if isinstance(seam, dict) else None
     return period if isinstance(period, int) and period >= 1 else 1
 
 

@@ -98,6 +98,13 @@ JOB_KINDS: tuple[str, ...] = (GENERATE, EDIT, UPSCALE, WARM)
 # nothing (issue 13: the first Generate after the panel opens does not wait for the load): it takes
 # exactly a generate's parameters, so both reach the same loaded model
 PARAMETERS_OF = {WARM: GENERATE}
+# the parameters that decide what a worker loads (worker/jobs.py ModelCache keys on these, derived:
+# the files' identity, the normalised device, the speed preset applied); a job differing only in the
+# others (prompt, seed, size, files) reuses the loaded model
+MODEL_SETTINGS = (
+    "models", "device", "gpus", "dtype", "lora_strength", "loras", "memory_mode", "vram_budget_gib",
+    "compile", "speed",
+)  # fmt: skip
 SAMPLING_JOBS = frozenset({GENERATE, EDIT})  # the kinds that run the diffusion model
 EDIT_JOB = frozenset({EDIT})
 # upscale (issue 15): the super-resolution of a panorama (and an optional refine pass with the

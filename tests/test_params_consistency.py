@@ -396,3 +396,10 @@ def test_client_job_of_each_kind(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = Job(kind=params.EDIT, **{**BASE, "source": "src.png", "mask": "sub/mask.png"})
     assert job.source == str(tmp_path / "src.png") and job.mask == str(tmp_path / "sub" / "mask.png")
+
+
+def test_the_model_settings_are_parameters_every_sampling_kind_takes():
+    generate = {p.name for p in params.for_job(params.GENERATE)}
+    edit = {p.name for p in params.for_job(params.EDIT)}
+    assert set(params.MODEL_SETTINGS) <= generate & edit
+    assert not {"prompt", "seed", "output_dir", "width", "height"} & set(params.MODEL_SETTINGS)

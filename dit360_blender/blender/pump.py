@@ -17,6 +17,7 @@ from collections import deque
 
 import bpy
 
+from ..params import MODEL_SETTINGS
 from ..protocol import FINAL_TYPES
 from ..remote_client import RemoteWorkerClient
 from . import resolution_ops
@@ -30,19 +31,6 @@ from .setup_tasks import SetupTasks
 ACTIVE_INTERVAL_S = 0.1
 IDLE_INTERVAL_S = 2.0
 MAX_EVENTS_PER_TICK = 64  # bounded work per tick: Blender stays responsive whatever arrives
-# what a warm job's settings leave out when deciding whether they were warmed already: the picture's
-# own values, which load nothing of their own
-_NOT_MODEL_SETTINGS = (
-    "prompt",
-    "seed",
-    "output_dir",
-    "filename",
-    "preview_every",
-    "sun_share",
-    "hdr",
-    "exr",
-    "cubemap",
-)
 
 
 class Pump:
@@ -86,7 +74,8 @@ class Pump:
         except GenerationError:  # not set up yet: the panel already says what is missing
             return False
         params = job.to_params()
-        key = json.dumps({k: v for k, v in params.items() if k not in _NOT_MODEL_SETTINGS}, sort_keys=True)
+        # what it loads, and the size its compiled step runs at: the same again warms nothing new
+        key = json.dumps({k: params[k] for k in (*MODEL_SETTINGS, "width", "height")}, sort_keys=True)
         if key in self._warmed:
             return False
         self._warmed.add(key)

@@ -46,9 +46,13 @@ def save_png(path: Path, rgb: np.ndarray, metadata: dict) -> Path:
 def read_png_metadata(path: Path) -> dict:
     """The `dit360:*` text chunks of a PNG written by `save_png`, decoded."""
     with Image.open(path) as im:
-        text = dict(im.text)
+        return image_metadata(im)
+
+
+def image_metadata(image: Image.Image) -> dict:
+    """The `dit360:*` text chunks of an open image, decoded ({} for one without them, a JPEG)."""
     out = {}
-    for key, value in text.items():
+    for key, value in dict(getattr(image, "text", {}) or {}).items():
         if key.startswith("dit360:"):
             try:
                 out[key[7:]] = json.loads(value)

@@ -68,7 +68,7 @@ class ModelCache:
         spec = device_spec(params["device"], params.get("gpus", ""))
         ranks = rank_devices(spec)  # several devices: a rank group (worker/ranks.py)
         device = spec if ranks else _normalise(pick_device(spec))
-        key = (
+        key = (  # from params.MODEL_SETTINGS only (derived), as the Blender side's warm-up assumes
             models_identity(paths.as_dict(), [item["path"] for item in params["loras"]]),
             str(device),
             params["dtype"],
