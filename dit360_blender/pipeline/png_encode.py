@@ -44,25 +44,22 @@ def _default_threads() -> int:
 
 
 def _idat_pieces(rgb: np.ndarray, threads: int):
+    """The zlib stream in pieces (header, each band's deflate, adler32), each at most one chunk."""
     height = rgb.shape[0]
     band_rows = max(MIN_BAND_ROWS, -(-height // (threads * 2)))
-    starts = list(range(0, height, band_rows))
-    bands = [(s, min(s + band_rows, height), s + band_rows >= height) for s in starts]
-    zlib_header = b"\x78\x01"  # deflate, 32 KiB window, fastest-level hint; check bits valid
+    bands = [(s, min(s + band_rows, height)) for s in range(0, height, band_rows)]
+    yield b"\x78\x01"  # zlib header: deflate, 32 KiB window, fastest-level hint
     adler = 1
-    pending = bytearray(zlib_header)
     with ThreadPoolExecutor(max_workers=min(threads, len(bands))) as pool:
         for deflated, band_adler, band_len in pool.map(lambda b: _deflate_band(rgb, *b), bands):
             adler = _adler32_combine(adler, band_adler, band_len)
-            pending += deflated
-            while len(pending) >= IDAT_CHUNK_BYTES:
-                yield bytes(pending[:IDAT_CHUNK_BYTES])
-                del pending[:IDAT_CHUNK_BYTES]
-    pending += struct.pack(">I", adler)
-    yield bytes(pending)
+            view = memoryview(deflated)
+            for at in range(0, len(view), IDAT_CHUNK_BYTES):
+                yield view[at : at + IDAT_CHUNK_BYTES]
+    yield struct.pack(">I", adler)
 
 
-def _deflate_band(rgb: np.ndarray, start: int, stop: int, last: bool) -> tuple[bytes, int, int]:
+def _deflate_band(rgb: np.ndarray, start: int, stop: int) -> tuple[bytes, int, int]:
     """The band's filtered rows as raw deflate, with their adler32 and length."""
     rows = rgb[start:stop].reshape(stop - start, -1)
     above = rgb[start - 1 : stop - 1].reshape(stop - start, -1) if start else None
@@ -74,6 +71,8 @@ def _deflate_band(rgb: np.ndarray, start: int, stop: int, last: bool) -> tuple[b
     else:
         np.subtract(rows, above, out=filtered[:, 1:])
     data = filtered.data
+    # every band but the last ends byte-aligned without a final block, so the bands join
+    last = stop == rgb.shape[0]
     compressor = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15)
     out = compressor.compress(data) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
     return out, zlib.adler32(data), filtered.nbytes
@@ -90,9 +89,9 @@ def _adler32_combine(adler_a: int, adler_b: int, len_b: int) -> int:
     return (b << 16) | a
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
+def _chunk(kind: bytes, payload: bytes | memoryview) -> bytes:
     crc = zlib.crc32(payload, zlib.crc32(kind))
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+    return struct.pack(">I", len(payload)) + kind + bytes(payload) + struct.pack(">I", crc)
 
 
 def _text_chunk(key: str, value: str) -> bytes:
