@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LUMA_709", "linear_image", "linear_to_srgb", "luminance", "srgb_to_linear", "to_unit_float"]
+__all__ = [
+    "LUMA_709",
+    "linear_image",
+    "linear_image64",
+    "linear_to_srgb",
+    "luminance",
+    "srgb_to_linear",
+    "to_unit_float",
+]
 
 # Rec.709 / sRGB primaries, D65: relative luminance of linear RGB
 LUMA_709 = np.array([0.2126, 0.7152, 0.0722])
@@ -57,6 +65,15 @@ def linear_image(image: np.ndarray) -> np.ndarray:
     return srgb_to_linear(to_unit_float(raw))
 
 
+def linear_image64(image: np.ndarray) -> np.ndarray:
+    """`linear_image(image)` as a new float64 array (the same values); an 8-bit image goes through a
+    float64 table, which is faster than decoding to float32 and converting."""
+    raw = np.asarray(image)
+    if raw.dtype == np.uint8 and raw.ndim == 3 and raw.shape[2] >= 3:
+        return _SRGB8_TABLE64[raw[..., :3]]
+    return linear_image(raw).astype(np.float64)
+
+
 def linear_to_srgb(linear: np.ndarray) -> np.ndarray:
     """Inverse of `srgb_to_linear` (float in, float out, clipped to 0..1)."""
     x = np.clip(np.asarray(linear, dtype=np.float64), 0.0, 1.0)
@@ -74,3 +91,4 @@ def _eotf(x: np.ndarray) -> np.ndarray:
 
 
 _SRGB8_TABLE = _eotf(np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
+_SRGB8_TABLE64 = _SRGB8_TABLE.astype(np.float64)  # the float32 values: float64 math gives the same results

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .color import linear_image, luminance
+from .color import linear_image64, luminance
 from .sphere import row_solid_angles, row_upward_cosine_weights, sun_lamp_rotation
 from .sun import SunDetection, SunParams, detect_sun
 
@@ -136,43 +136,43 @@ def expand_to_hdr(
     # GIL in its array work): this runs on every job's tail
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-sun") as pool:
         detecting = pool.submit(detect_sun, image, params) if detection is None else None
-        linear = linear_image(image).astype(np.float64)
-        height, width = linear.shape[:2]
-        base = expand_highlights(linear, knee=knee, gain=highlight_gain)
-        del linear
-        omega = row_solid_angles(height, width)[:, None]
-        y_base = luminance(base)
+        hdr = linear_image64(image)
+        height, width = hdr.shape[:2]
+        y_hdr = _expand_highlights_in_place(hdr, knee=knee, gain=highlight_gain)  # its luminance
+        omega = row_solid_angles(height, width)
         detection = detecting.result() if detecting is not None else detection
 
-    hdr = base
     sun_gain, share, irradiance = 1.0, 0.0, (0.0, 0.0, 0.0)
     sun = detection.sun
     if sun is not None:
-        mask = sun.mask
-        weighted = omega * y_base
-        e_sun = float(weighted[mask].sum())
-        e_rest = float(weighted.sum()) - e_sun
+        # only the sun's pixels change from here on: the sums over the image are updated there
+        rows, cols = np.nonzero(sun.mask)
+        omega_sun = omega[rows]
+        e_all = float(omega @ y_hdr.sum(axis=1))
+        e_sun = float(omega_sun @ y_hdr[rows, cols])
+        e_rest = e_all - e_sun
         sun_gain = max(1.0, sun_share * e_rest / ((1.0 - sun_share) * e_sun)) if e_sun > 0 else 1.0
         # luminance scaled, colour set to the sun's: colour * Y / Y(colour) has luminance Y
         color = np.asarray(sun.color, dtype=np.float64)
         color_y1 = color / max(float(luminance(color)), 1e-12)
-        # base is not needed again: the sun goes in place (no 50 MB copy on every job's tail)
-        hdr[mask] = color_y1[None, :] * (sun_gain * y_base[mask])[:, None]
+        # the sun goes in place (no 50 MB copy on every job's tail)
+        hdr[rows, cols] = color_y1[None, :] * (sun_gain * y_hdr[rows, cols])[:, None]
         fill = expand_highlights(
             np.asarray(sun.sky_rgb, dtype=np.float64)[None, None, :], knee=knee, gain=highlight_gain
         )
-        y_hdr = luminance(hdr)
-        share = float((omega * y_hdr)[mask].sum() / (omega * y_hdr).sum())
-        removed = (hdr[mask] - fill[0, 0]) * np.broadcast_to(omega, (height, width))[mask][:, None]
+        y_hdr[rows, cols] = luminance(hdr[rows, cols])
+        e_sun_hdr = float(omega_sun @ y_hdr[rows, cols])
+        share = e_sun_hdr / (e_rest + e_sun_hdr)
+        removed = (hdr[rows, cols] - fill[0, 0]) * omega_sun[:, None]
         irradiance = tuple(float(x) for x in np.clip(removed.sum(axis=0), 0.0, None))
 
-    e_up = upward_irradiance(hdr)
+    e_up = float(row_upward_cosine_weights(height, width) @ y_hdr.sum(axis=1))  # upward_irradiance(hdr)
     exposure = exposure_for(e_up, grey_target=grey_target, limits=exposure_limits)
     hdr32 = hdr.astype(np.float32)
     lighting32 = hdr32
     if sun is not None:  # the lighting map is the HDR with the sun's pixels filled with its sky
         lighting32 = hdr32.copy()
-        lighting32[sun.mask] = fill[0, 0]
+        lighting32[rows, cols] = fill[0, 0]
     return HdrResult(
         hdr=hdr32,
         lighting=lighting32,
@@ -203,6 +203,21 @@ def expand_highlights(linear: np.ndarray, *, knee: float = 0.6, gain: float = 2.
     over = np.clip(y - knee, 0.0, None)
     factor = np.where(y > knee, (y + a * over**2) / np.maximum(y, 1e-12), 1.0)
     return linear * factor[..., None]
+
+
+def _expand_highlights_in_place(linear: np.ndarray, *, knee: float, gain: float) -> np.ndarray:
+    """`expand_highlights` of a float64 (H, W, 3) image, written into it; returns its luminance
+    after. Only the pixels above the knee are touched (usually a few percent of a panorama)."""
+    if not 0.0 < knee < 1.0 or gain < 1.0:
+        raise ValueError("need 0 < knee < 1 and gain >= 1")
+    y = luminance(linear)
+    rows, cols = np.nonzero(y > knee)
+    y_over = y[rows, cols]
+    a = (gain - 1.0) / (1.0 - knee) ** 2
+    factor = (y_over + a * (y_over - knee) ** 2) / np.maximum(y_over, 1e-12)
+    linear[rows, cols] *= factor[:, None]
+    y[rows, cols] = luminance(linear[rows, cols])
+    return y
 
 
 def upward_irradiance(image: np.ndarray) -> float:

@@ -160,13 +160,13 @@ def seam_score(
             f"width and leave at least {SEAM_MIN_PERIODS} source columns"
         )
     on_grid = slice(period - 1, None, period)  # the last of them is the wrap (x = W-1)
-    # three independent passes over the image, side by side (numpy releases the GIL in its array
+    # two independent passes over the image, side by side (numpy releases the GIL in its array
     # work): this runs on every job's tail
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dit360-seam-part") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-seam-part") as pool:
         poles_pending = pool.submit(pole_detail, image if pole_image is None else pole_image)
-        offsets_pending = pool.submit(column_offsets, image, bands)
-        step = _wrap_stats(column_steps(image)[on_grid], noise_floor)
-        offset = _wrap_stats(offsets_pending.result()[on_grid], noise_floor)
+        steps, offsets = column_statistics(image, bands)
+        step = _wrap_stats(steps[on_grid], noise_floor)
+        offset = _wrap_stats(offsets[on_grid], noise_floor)
         poles = poles_pending.result()
     return SeamReport(
         seam_z=step["z"],
@@ -192,15 +192,7 @@ def column_steps(image: np.ndarray) -> np.ndarray:
     |difference| averaged over the channels, then over the rows weighted by solid angle. Measured in
     bands of rows (one band up to 2048x1024), so a 16K panorama is never copied whole into float.
     """
-    image = np.asarray(image)
-    height, width = image.shape[:2]
-    weights = row_solid_angles(height, width)
-    total = np.zeros(width)
-    for rows in row_bands(height, width):
-        img = to_unit_float(image[rows]).astype(np.float64)
-        diff = np.abs(np.roll(img, -1, axis=1) - img).mean(axis=2)  # column x vs x+1 (mod W)
-        total += weights[rows] @ diff
-    return total / weights.sum()
+    return column_statistics(image, steps=True, offsets=False)[0]
 
 
 def column_offsets(image: np.ndarray, bands: int = 16) -> np.ndarray:
@@ -210,6 +202,15 @@ def column_offsets(image: np.ndarray, bands: int = 16) -> np.ndarray:
     absolute, averaged over the channels and over the bands weighted by their solid angle. Summed
     in chunks of rows like `column_steps`.
     """
+    return column_statistics(image, bands, steps=False, offsets=True)[1]
+
+
+def column_statistics(
+    image: np.ndarray, bands: int = 16, *, steps: bool = True, offsets: bool = True
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(`column_steps`, `column_offsets`) of `image` from one pass over its column differences
+    (either is None when not asked for). An 8-bit image is differenced in integers (exact, and a
+    sixth of the memory traffic of float64); the sums over rows are float64 matrix products."""
     image = np.asarray(image)
     height, width = image.shape[:2]
     weights = row_solid_angles(height, width)
@@ -217,15 +218,40 @@ def column_offsets(image: np.ndarray, bands: int = 16) -> np.ndarray:
     starts = np.arange(bands) * height // bands  # contiguous bands of rows
     band_of_row = np.searchsorted(starts, np.arange(height), side="right") - 1
     band_weight = np.add.reduceat(weights, starts)
-    sums = np.zeros((bands, width, 3))  # to_unit_float makes every image RGB
+    step_total = np.zeros(width) if steps else None
+    band_sums = np.zeros((bands, width * 3)) if offsets else None  # to_unit_float makes every image RGB
+    scale = 1.0
     for rows in row_bands(height, width):
-        img = to_unit_float(image[rows]).astype(np.float64)
-        diff = np.roll(img, -1, axis=1) - img  # (rows, W, C)
-        ids = band_of_row[rows]
-        first = np.flatnonzero(np.diff(ids, prepend=-1))  # where each band starts in this chunk
-        sums[ids[first]] += np.add.reduceat(diff * weights[rows, None, None], first, axis=0)
-    means = np.abs(sums / np.maximum(band_weight, 1e-30)[:, None, None]).mean(axis=2)  # (bands, W)
-    return band_weight @ means / band_weight.sum()
+        diff, scale = _column_differences(image[rows])  # (rows, W, 3), column x+1 minus x (mod W)
+        if step_total is not None:
+            a = np.abs(diff)
+            step_total += weights[rows] @ (a[..., 0] + a[..., 1] + a[..., 2]).astype(np.float64)
+            del a
+        if band_sums is not None:  # (bands, rows) weights, nonzero where the row is in the band
+            ids = band_of_row[rows]
+            by_band = np.zeros((bands, ids.size))
+            by_band[ids, np.arange(ids.size)] = weights[rows]
+            band_sums += by_band @ diff.reshape(ids.size, -1).astype(np.float64)
+    step = None if step_total is None else step_total * (scale / 3.0) / weights.sum()
+    offset = None
+    if band_sums is not None:
+        means = band_sums.reshape(bands, width, 3) * scale / np.maximum(band_weight, 1e-30)[:, None, None]
+        means = np.abs(means).mean(axis=2)  # (bands, W)
+        offset = band_weight @ means / band_weight.sum()
+    return step, offset
+
+
+def _column_differences(block: np.ndarray) -> tuple[np.ndarray, float]:
+    """Column x+1 minus column x (the last column: the first minus it) of a band of rows, (rows, W, 3),
+    and the factor to 0..1 units: int16 and 1/255 for 8-bit RGB (exact), else float64 and 1."""
+    if block.dtype == np.uint8 and block.ndim == 3 and block.shape[2] >= 3:
+        rgb = block[..., :3]
+        diff = np.empty(rgb.shape, dtype=np.int16)
+        np.subtract(rgb[:, 1:], rgb[:, :-1], out=diff[:, :-1], dtype=np.int16)
+        np.subtract(rgb[:, :1], rgb[:, -1:], out=diff[:, -1:], dtype=np.int16)
+        return diff, 1.0 / 255.0
+    img = to_unit_float(block).astype(np.float64)
+    return np.roll(img, -1, axis=1) - img, 1.0
 
 
 def row_bands(height: int, width: int, pixels: int | None = None) -> list[slice]:
@@ -244,7 +270,8 @@ def pole_detail(image: np.ndarray, face_size: int | None = None) -> dict:
     """
     img = to_unit_float(image)
     height, width = img.shape[:2]
-    luma = img.astype(np.float64) @ LUMA_709
+    # channel by channel: a product with LUMA_709 over a last axis of 3 is several times slower
+    luma = img[..., 0] * LUMA_709[0] + img[..., 1] * LUMA_709[1] + img[..., 2] * LUMA_709[2]
     n = face_size or max(16, width // 4)
     energies = {face: _laplacian_energy(_cube_face(luma, face, n)) for face in _FACES}
     side = np.mean([energies[f] for f in ("+X", "-X", "+Y", "-Y")])
@@ -300,16 +327,18 @@ _FACES = {
 
 def _cube_face(luma: np.ndarray, face: str, n: int) -> np.ndarray:
     """Bilinear resampling of an equirectangular (H, W) array onto one n x n cube face."""
-    r0, r1, c0, c1, fr, fc = _cube_face_plan(face, n, *luma.shape)
-    top = luma[r0, c0] * (1 - fc) + luma[r0, c1] * fc
-    bottom = luma[r1, c0] * (1 - fc) + luma[r1, c1] * fc
+    i00, i01, i10, i11, fr, fc = _cube_face_plan(face, n, *luma.shape)
+    flat = luma.reshape(-1)  # gathers by flat index: several times faster than 2-D fancy indexing
+    top = flat.take(i00) * (1 - fc) + flat.take(i01) * fc
+    bottom = flat.take(i10) * (1 - fc) + flat.take(i11) * fc
     return top * (1 - fr) + bottom * fr
 
 
 @functools.lru_cache(maxsize=12)
 def _cube_face_plan(face: str, n: int, height: int, width: int) -> tuple[np.ndarray, ...]:
-    """Where each face pixel samples the panorama: rows, wrapped columns and the bilinear weights.
-    It depends only on the sizes, so it is computed once per size (every image of a job is the same)."""
+    """Where each face pixel samples the panorama: the flat indices of its four neighbours (top
+    left, top right, bottom left, bottom right; columns wrapped) and the bilinear weights. It
+    depends only on the sizes, so it is computed once per size (every image of a job is the same)."""
     centre, right, down = (np.asarray(a, dtype=np.float64) for a in _FACES[face])
     t = (np.arange(n) + 0.5) / n * 2.0 - 1.0
     d = centre + t[None, :, None] * right + t[:, None, None] * down  # (n, n, 3), not normalised
@@ -322,7 +351,7 @@ def _cube_face_plan(face: str, n: int, height: int, width: int) -> tuple[np.ndar
     fr, fc = row - r0, col - c0
     r1 = np.minimum(r0 + 1, height - 1)
     c0w, c1w = np.mod(c0, width), np.mod(c0 + 1, width)  # columns wrap around the seam
-    plan = (r0, r1, c0w, c1w, fr, fc)
+    plan = (r0 * width + c0w, r0 * width + c1w, r1 * width + c0w, r1 * width + c1w, fr, fc)
     for array in plan:
         array.flags.writeable = False  # shared between calls
     return plan
