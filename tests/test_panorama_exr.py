@@ -127,3 +127,21 @@ def test_without_exr_an_older_exr_of_the_same_name_is_removed(tmp_path, sunny):
     path, files = _write_files(tmp_path / "pano.png", rgb, metadata, hdr, exr=False)
     assert set(files) == {"hdr", "lighting"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pano.hdr", "pano.png", "pano_lighting.hdr"]
+
+
+def test_negative_light_is_written_as_black_and_the_source_is_untouched(tmp_path):
+    rng = np.random.default_rng(11)
+    image = rng.uniform(-2.0, 3.0, (16, 24, 3)).astype(np.float32)
+    before = image.copy()
+    read, _ = read_exr(write_exr(tmp_path / "n.exr", image))
+    assert np.all(read[before < 0] == 0) and np.count_nonzero(before < 0) > 100
+    assert within_half(read[before >= 0], before[before >= 0])
+    assert np.array_equal(image, before)  # the caller's image is not clipped in place
+
+
+def test_compression_runs_on_openexrs_thread_pool(tmp_path):
+    """OpenEXR's pool is off (0 threads) unless set; writing a file turns it on (ZIP on the cores)."""
+    import os
+
+    write_exr(tmp_path / "t.exr", np.ones((8, 8, 3), np.float32))
+    assert OpenEXR.global_thread_count() == min(os.cpu_count() or 1, 8)

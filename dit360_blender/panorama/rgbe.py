@@ -33,7 +33,9 @@ def write_hdr(path: str | os.PathLike, image: np.ndarray) -> Path:
         height, width = image.shape[:2]
         chunks = (encode_rgbe(band) for _, _, band in image.bands())
     else:
-        image = np.asarray(image, dtype=np.float64)
+        image = np.asarray(image)
+        if image.dtype != np.float32:  # float32 is encoded as it is (encode_rgbe: the same bytes)
+            image = image.astype(np.float64)
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected (H, W, 3), got {image.shape}")
         if not np.all(np.isfinite(image)):
@@ -64,7 +66,8 @@ def encode_rgbe(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     kind = np.float32 if image.dtype == np.float32 else np.float64
     image = np.clip(image, 0.0, None, dtype=kind)
-    peak = image.max(axis=-1)
+    # max of the three channels element-wise: numpy's reduction over an axis of three is ~7x slower
+    peak = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
     _, exponent = np.frexp(peak)  # peak = mantissa * 2**exponent, mantissa in [0.5, 1)
     if np.any((exponent > 127) & (peak > _TINY)):
         raise ValueError("values too large for RGBE (> 1.7e38)")
