@@ -161,6 +161,7 @@ class WorkerClient:
         self._events: queue.Queue[dict] = queue.Queue()
         self._held: deque[dict] = deque()  # events `run()` set aside for `poll()`
         self._statuses: queue.Queue[dict] = queue.Queue()
+        self._fatal: dict | None = None  # the current worker's fatal job-less error, if it sent one
         self._worker: WorkerProcess | None = None
         self._starter: threading.Thread | None = None
         self._start_error: WorkerError | None = None
@@ -183,7 +184,8 @@ class WorkerClient:
 
     @property
     def ready_info(self) -> dict | None:
-        """The worker's `ready` message (versions, device, free VRAM, pid), None without a worker."""
+        """The worker's `ready` message (versions, pid) merged with its `device` event (torch version,
+        device, free VRAM) once that came; None without a worker."""
         w = self._worker
         return dict(w.ready) if w is not None else None
 
@@ -456,6 +458,10 @@ class WorkerClient:
                 )
             )
             return
+        if msg["type"] == "device":
+            self._note_device(msg)
+        if msg["type"] == "error" and msg.get("job_id") is None and msg.get("fatal"):
+            self._fatal = msg  # the worker exits next: its unfinished jobs end with this cause
         if msg["type"] == "status":
             self._statuses.put(msg)
             return
@@ -481,11 +487,23 @@ class WorkerClient:
         if w.sock is not None:
             w.sock.close()
         w.gone.set()
+        fatal, self._fatal = self._fatal, None
         for job_id in lost:
-            self._emit(lost_job_error(w, job_id, code, self.log_path, self._scrub, self.heartbeat_timeout))
+            if fatal is not None:  # it said why before it went (torch failed to load, ...)
+                self._emit(error(fatal["code"], fatal["message"], fatal["hint"], job_id=job_id))
+            else:
+                self._emit(
+                    lost_job_error(w, job_id, code, self.log_path, self._scrub, self.heartbeat_timeout)
+                )
         if not lost and not w.closing:
             what = "stopped responding and was stopped" if w.unresponsive else f"exited (exit code {code})"
             self._emit(message("log", level="warning", message=f"The worker {what}."))
+
+    def _note_device(self, msg: dict) -> None:
+        """The `device` event (torch loaded, seconds after `ready`): `ready_info` has its fields from now on."""
+        with self._lock:
+            if self._worker is not None:
+                self._worker.ready.update({k: v for k, v in msg.items() if k not in ("v", "type")})
 
     def _broken(self, w: WorkerProcess) -> None:
         """A send failed: the stream may be half-written, so this worker is finished. Killing it is

@@ -43,10 +43,13 @@ shutdown   –                                cancel everything and exit
 Worker → client
 ~~~~~~~~~~~~~~~
 ========== ================================ =====================================================
-ready      protocol, package_version,       reply to a good ``hello``
-           torch_version, python_version,
-           device, device_name, free_vram
-           (bytes, null off CUDA), pid
+ready      protocol, package_version,       reply to a good ``hello``, sent at once: jobs may be
+           python_version, pid, [the        queued from here on. It carries the ``device``
+           ``device`` fields]               fields when the worker has loaded torch already
+device     torch_version, device,           torch and the pipeline are loaded (seconds after
+           device_name, free_vram           ``ready``; not sent when ``ready`` had these fields);
+           (bytes, null off CUDA)           a worker that fails to load them sends a fatal
+                                            ``error`` (code worker_start_failed) instead
 queued     job_id, position                 the job was accepted (position 0: runs next/now)
 progress   job_id, stage, step, total,      stage is one of ``STAGES``; step/total count sampling
            elapsed, eta, [detail]           steps (0 before sampling, total after); elapsed since
@@ -255,12 +258,19 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
     "ready": {
         "protocol": ((_I,), True),
         "package_version": ((_S,), True),
-        "torch_version": ((_S,), True),
         "python_version": ((_S,), True),
+        "pid": ((_I,), True),
+        # the `device` fields, when torch was loaded before the client said hello
+        "torch_version": ((_S,), False),
+        "device": ((_S,), False),
+        "device_name": ((_S,), False),
+        "free_vram": ((_I, _0), False),
+    },
+    "device": {  # torch and the pipeline are loaded: what the jobs will run on
+        "torch_version": ((_S,), True),
         "device": ((_S,), True),
         "device_name": ((_S,), True),
         "free_vram": ((_I, _0), True),
-        "pid": ((_I,), True),
     },
     "queued": {"job_id": ((_S,), True), "position": ((_I,), True)},
     "progress": {

@@ -548,6 +548,8 @@ class RemoteWorkerClient(WorkerClient):
             )
             return
         kind, job_id = msg["type"], msg.get("job_id")
+        if kind == "device":
+            self._note_device(msg)
         if kind == "chunk":
             self._on_chunk(msg)
         elif kind == "uploaded" or kind == "pong":

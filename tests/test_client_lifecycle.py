@@ -229,3 +229,42 @@ def test_compile_caches_persist_in_the_clients_folder_unless_the_user_chose_one(
     assert WorkerClient(log_dir=tmp_path / "user")._env("tok")["TORCHINDUCTOR_CACHE_DIR"] == str(
         tmp_path / "mine"
     )
+
+
+# -- ready before torch ----------------------------------------------------------------------------
+
+
+def test_ready_comes_before_torch_and_a_torch_that_fails_to_load_fails_the_queued_job(tmp_path, tiny_models):
+    """The worker answers `hello` before it imports torch (the slow part of its start), so jobs can
+    be queued at once; when the import then fails (here: a torch that cannot find its CUDA
+    library, first on the worker's path), the queued job ends with that error, the client hears a
+    fatal job-less error, and the worker exits."""
+    from dit360_blender.client import JobError
+
+    broken = tmp_path / "vendor" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        "import time\ntime.sleep(3.0)\n"
+        "raise ImportError('libcudart.so.13: cannot open shared object file: No such file or directory')\n"
+    )
+    client = WorkerClient(log_dir=tmp_path / "logs", vendor_dir=tmp_path / "vendor")
+    try:
+        t0 = time.monotonic()
+        ready = client.start()
+        assert time.monotonic() - t0 < 2.9  # no torch imported (the broken one sleeps 3 s first)
+        assert ready["pid"] == client.worker_pid and "device" not in ready and ready["protocol"] == 1
+        pid = client.worker_pid
+        events: list[dict] = []
+        with pytest.raises(JobError) as failed:
+            client.run(make_job(tiny_models, tmp_path / "out"), on_event=events.append, timeout=60)
+        assert failed.value.code == "worker_start_failed"
+        assert "libcudart.so.13" in failed.value.message and "Install Dependencies" in failed.value.hint
+        fatal, _ = wait_for(client, lambda e: e["type"] == "error" and e.get("job_id") is None, timeout=30)
+        assert fatal["fatal"] is True and "libcudart.so.13" in fatal["message"]
+        deadline = time.monotonic() + 10
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(pid)
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    finally:
+        client.close()

@@ -85,7 +85,12 @@ def test_job_end_to_end_matches_the_in_process_pipeline(client, job, tiny_paths)
     result, events = run(client, job(steps=steps, preview_every=2))
     types = [e["type"] for e in events]
     assert types[0] == "ready" and events[0]["protocol"] == 1 and events[0]["pid"] == client.worker_pid
-    assert events[0]["device"] == "cpu" and events[0]["free_vram"] is None and events[0]["torch_version"]
+    # `ready` comes before torch is loaded; the `device` event follows, before any job runs
+    assert types.count("device") == 1 and types.index("device") < types.index("progress")
+    device = events[types.index("device")]
+    assert device["device"] == "cpu" and device["free_vram"] is None and device["torch_version"]
+    assert "device" not in events[0]  # the client said hello long before torch had loaded
+    assert client.ready_info["device"] == "cpu" and client.ready_info["pid"] == client.worker_pid
     assert types[-1] == "result"
 
     progress = [e for e in events if e["type"] == "progress"]

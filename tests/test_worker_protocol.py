@@ -50,13 +50,15 @@ class Raw:
             self.pending += self.decoder.feed(data)
         return decode(self.pending.pop(0), WM)
 
-    def recv_type(self, type_: str) -> dict:
-        """Skip `log` lines (the worker forwards notable log records)."""
+    def recv_type(self, type_: str | tuple[str, ...]) -> dict:
+        """The next message, which must be of `type_` (or one of them); skips `log` lines (the
+        worker forwards notable log records)."""
+        wanted = (type_,) if isinstance(type_, str) else type_
         while True:
             msg = self.recv()
             assert msg is not None, "connection closed"
             if msg["type"] != "log":
-                assert msg["type"] == type_, msg
+                assert msg["type"] in wanted, msg
                 return msg
 
     def close(self) -> None:
@@ -92,6 +94,8 @@ def authenticate(port: int, token: str) -> Raw:
     conn.send(message("hello", token=token))
     ready = conn.recv_type("ready")
     assert ready["protocol"] == 1
+    if "device" not in ready:  # torch was still loading: its `device` event comes next, once
+        assert conn.recv_type("device")["device"] == "cpu"
     return conn
 
 

@@ -37,12 +37,12 @@ def worker_table(records: list[dict]) -> str:
         return ""
     lines = [
         "",
-        "| worker variant | spawn → ready s | cold job → result s | warm job → result s | warm: last step at s | tail after last step s | transformer evaluations | device VRAM peak GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| worker variant | spawn → ready s | spawn → device (torch loaded) s | cold job → result s | warm job → result s | warm: last step at s | tail after last step s | transformer evaluations | device VRAM peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "skipped" in r:
-            lines.append(f"| {r['name']} | skipped: {r['skipped']} |||||||")
+            lines.append(f"| {r['name']} | skipped: {r['skipped']} ||||||||")
             continue
         warm, cold = r.get("warm", {}), r.get("cold", {})
 
@@ -50,7 +50,8 @@ def worker_table(records: list[dict]) -> str:
             return fmt.format(d[key]) if isinstance(d.get(key), (int, float)) else ""
 
         lines.append(
-            f"| {r['name']} | {num(r, 'spawn_to_ready_s')} | {num(cold, 'result_s')} | {num(warm, 'result_s')} "
+            f"| {r['name']} | {num(r, 'spawn_to_ready_s')} | {num(r, 'spawn_to_device_s')} "
+            f"| {num(cold, 'result_s')} | {num(warm, 'result_s')} "
             f"| {num(warm, 'last_step_s')} | {num(warm, 'tail_after_last_step_s')} "
             f"| {num(warm, 'transformer_evaluations', '{}')} | {num(r, 'device_vram_peak_gib')} |"
         )

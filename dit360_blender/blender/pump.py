@@ -161,17 +161,23 @@ class Pump:
     def _on_event(self, event: dict) -> None:
         kind = event.get("type")
         state = runtime()
-        if kind == "ready":
-            if state is not None:
+        if kind in ("ready", "device"):  # `device` follows once the worker has loaded torch
+            if state is not None and self.warm_id is None:  # else "Loading the model…" says more
                 remote = isinstance(self.link.client, RemoteWorkerClient)
-                state.worker_info = ready_text(event, remote)
+                info = self.link.client.ready_info if self.link.client is not None else None
+                state.worker_info = ready_text({**(info or {}), **event}, remote)
             return
         if self.warm_id is not None and event.get("job_id") == self.warm_id:
             self._on_warm_event(event)
             return
         job = self.job
         if job is None or job.done or event.get("job_id") != job.job_id:
-            if kind == "log" and event.get("level") == "error" and state is not None and not self.busy:
+            job_less_error = kind == "error" and event.get("job_id") is None  # e.g. torch failed to load
+            if (
+                (job_less_error or kind == "log" and event.get("level") == "error")
+                and state is not None
+                and not self.busy
+            ):
                 state.worker_info = short(event.get("message", ""))
             return  # a stale job's events (e.g. one cancelled by a file load)
         job.on_event(event)

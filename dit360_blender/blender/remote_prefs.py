@@ -73,10 +73,13 @@ def remote_spec(prefs: bpy.types.AddonPreferences | None) -> RemoteSpec | None:
 
 
 def ready_text(event: dict, remote: bool) -> str:
-    """The status line of a `ready` worker: where it runs, its GPU and its free memory."""
+    """The status line of a `ready` worker: where it runs, its GPU and its free memory (or that it
+    is still loading torch: the `device` event brings those seconds after `ready`)."""
+    where = "Remote worker" if remote else "Worker"
+    if not event.get("device"):
+        return f"{where} ready, loading torch..."
     free = event.get("free_vram")
     vram = f", {free / 2**30:.1f} GiB free" if isinstance(free, int) else ""
-    where = "Remote worker" if remote else "Worker"
     return f"{where} ready: {event.get('device_name')} ({event.get('device')}{vram}), torch {event.get('torch_version')}"
 
 

@@ -6,7 +6,7 @@ client at a time until stopped (Ctrl-C); its token is written to F (0600) and pr
 
 Started by `dit360_blender.client`, which sets the launch token in the DIT360_WORKER_TOKEN environment
 variable (never argv). Order matters for start-up time: the socket is bound and its port announced
-before torch is imported, so the client connects while the slow import runs.
+before torch is imported, so the client connects (and hears `ready`) while the slow import runs.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addHandler(ClientLogHandler(worker.send, secrets))
     try:
         worker.start_jobs(log_path)
+    except BaseException as exc:
+        logger.exception("the worker could not load torch and the pipeline")
+        worker.fail_start(exc)
+        return finish(3)
+    try:
         code = worker.run_jobs()
     except BaseException:
         logger.exception("the worker failed")

@@ -1,4 +1,4 @@
-"""This worker process: what it reports about itself (the `ready` fields, its resident memory) and
+"""This worker process: what it reports about itself (the `ready` and `device` fields, its resident memory) and
 how it leaves (at once, whatever the job is doing, so its memory and VRAM go with it)."""
 
 from __future__ import annotations
@@ -68,7 +68,23 @@ def _windows_rss() -> int | None:
 
 
 def ready_fields() -> dict:
-    """What `ready` reports. Imports torch and the pipeline, so a broken install fails here, at start."""
+    """Everything `ready` can report: `base_ready_fields` and `device_fields` (imports torch)."""
+    return {**base_ready_fields(), **device_fields()}
+
+
+def base_ready_fields() -> dict:
+    """What `ready` reports before torch is imported (the worker answers its client at once)."""
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "package_version": __version__,
+        "python_version": platform.python_version(),
+        "pid": os.getpid(),
+    }
+
+
+def device_fields() -> dict:
+    """The `device` event's fields (also in `ready` once known). Imports torch and the pipeline, so
+    a broken install fails here, at start, with the import's own error."""
     import torch
 
     from ..pipeline.dit360 import pick_device
@@ -76,14 +92,10 @@ def ready_fields() -> dict:
     device = pick_device("auto")
     name, free = _describe(torch, device)
     return {
-        "protocol": PROTOCOL_VERSION,
-        "package_version": __version__,
         "torch_version": str(torch.__version__),
-        "python_version": platform.python_version(),
         "device": device.type,
         "device_name": name,
         "free_vram": free,
-        "pid": os.getpid(),
     }
 
 

@@ -41,7 +41,7 @@ from ..protocol import (
     message,
 )
 from ..transfer import TransferError, checksum_problem, chunk_bytes, chunk_fields, name_problem, sha256_file
-from .process import ready_fields
+from .process import device_fields
 from .server import LISTEN_BACKLOG, WATCH_INTERVAL_S, Connection, Worker
 
 logger = logging.getLogger("dit360_blender.worker")
@@ -280,9 +280,9 @@ class ServeWorker(Worker):
                     "Wait until the other Blender disconnects, or start a second worker on another port.",
                 )
             self.owner = conn
-        if self.ready_info is not None:  # free VRAM now, not at start
+        if self.device_info is not None:  # free VRAM now, not at start
             try:
-                self.ready_info = ready_fields()
+                self.device_info = device_fields()
             except Exception:
                 logger.warning("could not refresh the device report", exc_info=True)
         return None

@@ -72,6 +72,11 @@ def serve_main(args: argparse.Namespace) -> int:
     logging.getLogger().addHandler(ClientLogHandler(worker.send, secrets_))
     try:
         worker.start_jobs(log_path)
+    except BaseException as exc:
+        logger.exception("the worker could not load torch and the pipeline")
+        worker.fail_start(exc)
+        return finish(3)
+    try:
         print(f"{SERVING_LINE} 127.0.0.1:{port}", flush=True)
         code = worker.run_jobs()
     except KeyboardInterrupt:

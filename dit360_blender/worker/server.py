@@ -1,8 +1,10 @@
 """The worker process: a loopback socket server in front of the job runner.
 
-Lifecycle (driven by `__main__`): bind 127.0.0.1 on an ephemeral port (`listen`), import torch and
-the pipeline while the client connects (`start_jobs`), answer the client's `hello` with `ready`, then
-run jobs on the main thread (`run_jobs`) until `shutdown`, the client's disconnect, or the parent's death.
+Lifecycle (driven by `__main__`): bind 127.0.0.1 on an ephemeral port (`listen`), answer the client's
+`hello` with `ready` at once (jobs can be queued from then on), import torch and the pipeline meanwhile
+(`start_jobs`, seconds) and send the `device` event when that is done (right after `ready` if it was
+done first), then run jobs on the main thread (`run_jobs`) until `shutdown`, the client's disconnect,
+or the parent's death. When the import fails, the client hears a fatal `error` and the worker exits.
 
 Threads: the main thread runs jobs; one thread accepts connections; each connection is served on
 its own thread (a handshake, then, for the one authenticated client, its reader loop); a watchdog
@@ -43,7 +45,7 @@ from ..protocol import (
 from ..redact import redact
 from .jobqueue import MAX_QUEUED_JOBS, JobQueue, QueuedJob
 from .parent import parent_watch
-from .process import hard_exit, ready_fields, rss_bytes
+from .process import base_ready_fields, device_fields, hard_exit, rss_bytes
 
 logger = logging.getLogger("dit360_blender.worker")
 
@@ -64,6 +66,7 @@ class Connection:
         self.closed = False
         self.heartbeat: float | None = None  # the ping interval the client promised in its hello
         self.last_heard: float | None = None  # when a frame last arrived, once its reader runs
+        self.ready_sent = False  # `ready` went out: a `device` event may follow
         self._lock = threading.Lock()
 
     def silent_too_long(self, now: float) -> bool:
@@ -140,9 +143,10 @@ class Worker:
         self.runner = None  # a jobs.JobRunner, set by `start_jobs` (it needs torch)
         self.cache = None
         self.owner: Connection | None = None
-        self.ready_info: dict | None = None  # what `ready` reports, set by `start_jobs`
+        self.ready_info: dict = base_ready_fields()  # what `ready` reports before torch is there
+        self.device_info: dict | None = None  # the `device` event's fields, set by `start_jobs`
         self._owner_lock = threading.Lock()
-        self._ready = threading.Event()
+        self._device_lock = threading.Lock()  # `ready` and `device` reach each client once, in order
         self._stopping = threading.Event()
         self._waiting: deque[Connection] = deque()  # accepted, no first frame yet (oldest first)
         self._waiting_lock = threading.Lock()
@@ -198,8 +202,9 @@ class Worker:
             conn.close()
             return
         conn.sock.settimeout(SEND_TIMEOUT_S)
-        self._ready.wait()
-        conn.send(message("ready", **(self.ready_info or {})))
+        with self._device_lock:
+            conn.send(message("ready", **self.ready_info, **(self.device_info or {})))
+            conn.ready_sent = True
         conn.last_heard = time.monotonic()  # its heartbeats count from here: nothing was read before
         logger.info("client connected")
         self._read_loop(conn, decoder, rest)
@@ -352,8 +357,9 @@ class Worker:
         running, queued = self.queue.snapshot()
         conn.send(
             message(
-                "status", running=running, queued=queued, loads=self.cache.loads,
-                model_loaded=self.cache.pipe is not None, pid=os.getpid(), rss_bytes=rss_bytes(),
+                "status", running=running, queued=queued, loads=self.cache.loads if self.cache else 0,
+                model_loaded=self.cache is not None and self.cache.pipe is not None, pid=os.getpid(),
+                rss_bytes=rss_bytes(),
             )
         )  # fmt: skip
 
@@ -372,13 +378,27 @@ class Worker:
     # -- life cycle ------------------------------------------------------------------------------
 
     def start_jobs(self, log_path: Path) -> None:
-        """Import torch and the pipeline (slow: seconds), then let the waiting client in."""
+        """Import torch and the pipeline (slow: seconds; the client may be connected already and
+        queueing jobs), then tell the client which device they run on (the `device` event)."""
         from .jobs import JobRunner, ModelCache
 
-        self.ready_info = ready_fields()
+        device = device_fields()
         self.cache = ModelCache()
         self.runner = JobRunner(self.send, self.cache, log_path)
-        self._ready.set()
+        with self._device_lock:
+            self.device_info = device
+            owner = self.owner
+            if owner is not None and owner.ready_sent:  # else its `ready` will carry the fields
+                owner.send(message("device", **device))
+
+    def fail_start(self, exc: BaseException) -> None:
+        """`start_jobs` failed (a broken torch install, no usable device): the client hears why in
+        a fatal `error`, and so does every job it queued, before the worker exits."""
+        text = f"The worker could not load torch and the pipeline: {type(exc).__name__}: {exc}"
+        hint = "Run Install Dependencies in the add-on's preferences again; the worker log has the details."
+        for job in self.queue.stop():
+            self.send(error("worker_start_failed", text, hint, job_id=job.job_id))
+        self.send(error("worker_start_failed", text, hint, fatal=True))
 
     def stop(self, reason: str) -> None:
         """Cancel the running job, drop the queue, and make `run_jobs` return; a job that does not
