@@ -203,6 +203,26 @@ class WorkerClient:
                 return dict(self._worker.ready)
             raise self._start_error or WorkerError("worker_start_failed", "The worker did not start in time.")
 
+    def wait_for_device(self, timeout: float = 300.0) -> dict:
+        """Block until the running worker has loaded torch (its `device` event); returns `ready_info`
+        with the device fields. Raises WorkerError when no worker runs, it exits first, or time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.ready_info
+            if info is None:
+                raise WorkerError(
+                    "worker_start_failed", "The worker is not running (it may have failed to load torch).",
+                    f"See the worker log in {self.log_dir}.",
+                )  # fmt: skip
+            if "device" in info:
+                return info
+            if time.monotonic() > deadline:
+                raise WorkerError(
+                    "worker_start_failed", f"The worker did not load torch within {timeout:.0f} s.",
+                    f"See the worker log in {self.log_dir}.",
+                )  # fmt: skip
+            time.sleep(0.005)
+
     def submit(self, job: Job | Mapping[str, Any], kind: str | None = None) -> str:
         """Queue a job and return its id at once: a `Job` (of its kind), or a dict of parameters
         of `kind` (default "generate"). Raises ProtocolError (a ValueError, code bad_parameters)

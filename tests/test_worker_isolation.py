@@ -62,7 +62,8 @@ def test_worker_does_not_import_the_user_site(tmp_path):
     extra = {k: env[k] for k in ("PYTHONUSERBASE", "HF_HUB_OFFLINE")}
     client = WorkerClient(python=BASE_PYTHON, vendor_dir=VENDOR, log_dir=tmp_path / "logs", extra_env=extra)
     try:
-        ready = client.start(timeout=180)
+        client.start(timeout=180)
+        ready = client.wait_for_device(timeout=180)  # the real torch was imported
     finally:
         client.close()
     assert ready["torch_version"] and ready["pid"]

@@ -97,7 +97,8 @@ def test_an_empty_pythonpath_entry_does_not_run_a_planted_torch(tmp_path, monkey
     monkeypatch.setenv("PYTHONPATH", os.pathsep + str(tmp_path / "somewhere") + os.pathsep + "relative")
     client = WorkerClient(log_dir=logs, extra_env={"HF_HUB_OFFLINE": "1"})
     try:
-        ready = client.start(timeout=180)
+        client.start(timeout=180)
+        ready = client.wait_for_device(timeout=180)  # the real torch was imported
         pid = client.worker_pid
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = dict(kv.split("=", 1) for kv in f.read().decode().split("\0") if "=" in kv)

@@ -102,8 +102,7 @@ def worker_jobs(
     try:
         client.start()
         record["spawn_to_ready_s"] = time.perf_counter() - t0  # `ready`: jobs can be queued
-        while "device" not in (client.ready_info or {}) and time.perf_counter() - t0 < 300:
-            time.sleep(0.005)  # the `device` event: torch and the pipeline are loaded
+        client.wait_for_device()  # the `device` event: torch and the pipeline are loaded
         record["spawn_to_device_s"] = time.perf_counter() - t0
         runs = (
             (("preload", 0), ("cold", 1), ("warm", 2))
