@@ -183,8 +183,6 @@ class DiT360Pipeline:
             compile = _can_compile(plan, device)
         if compile:
             _compile(transformer, plan, device)
-            if not plan.vae_tile:  # the untiled decode is on every job's tail (tiles stay eager)
-                vae.compile_decoder()
         streamers = _place_for_streaming(plan, device, text_encoders, transformer, vae)
         info = {
             "model": FLUX_REPO,
