@@ -105,6 +105,9 @@ def test_job_end_to_end_matches_the_in_process_pipeline(client, job, tiny_paths)
 
     previews = [e for e in events if e["type"] == "preview"]
     assert [p["step"] for p in previews] == [2, 4, 5]
+    # rendered beside the sampling loop, but all sent before the job's next stage
+    decoding = next(i for i, e in enumerate(events) if e.get("stage") == "decoding")
+    assert max(i for i, e in enumerate(events) if e["type"] == "preview") < decoding
     for p in previews:
         with Image.open(io.BytesIO(base64.b64decode(p["data"]))) as im:
             assert im.format == "PNG" and im.size == (p["width"], p["height"])

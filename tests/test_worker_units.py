@@ -283,3 +283,36 @@ def test_preview_pixels_are_the_projected_latents():
     want = np.clip((rgb + 1) / 2, 0, 1) * 255
     assert (w, h) == (grid_w * 2, grid_h * 2)
     assert np.abs(got - want).max() <= 0.5 + 1e-6
+
+
+def test_background_previews_are_the_rendered_ones_in_order_and_drain_waits_for_them():
+    """`submit` (what the sampling loop calls) delivers, from another thread and in submission
+    order, the very PNGs `render` makes; `drain` returns only when all are delivered; a failing
+    delivery is logged, not raised into the job."""
+    import threading
+
+    g = torch.Generator().manual_seed(9)
+    weights, bias = torch.randn(16, 3, generator=g) * 0.3, torch.randn(3, generator=g) * 0.1
+    renderer = PreviewRenderer((weights, bias), width=256, height=128)
+    estimates = [torch.randn(1, 8 * 18, 64, generator=g) for _ in range(6)]
+    delivered: list[tuple[bytes, int, int, str]] = []
+    slow = threading.Event()
+
+    def deliver(png: bytes, w: int, h: int) -> None:
+        slow.wait(0.05)  # slower than submitting: the loop must not wait for it
+        delivered.append((png, w, h, threading.current_thread().name))
+
+    for x0 in estimates:
+        renderer.submit(x0, deliver)
+    renderer.drain()
+    assert [d[:3] for d in delivered] == [renderer.render(x0) for x0 in estimates]
+    assert all(d[3].startswith("dit360-preview") for d in delivered)
+
+    def broken(png: bytes, w: int, h: int) -> None:
+        raise OSError("the socket went away")
+
+    renderer.submit(estimates[0], broken)
+    renderer.drain()  # no exception
+    renderer.submit(estimates[1], deliver)  # and the renderer still works after a drain
+    renderer.drain()
+    assert delivered[-1][:3] == renderer.render(estimates[1])

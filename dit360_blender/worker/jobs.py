@@ -151,6 +151,7 @@ class JobRunner:
         self.cache = cache
         self.log_path = log_path
         self._tail_s = 0.0  # decode + save time of the last job, for the ETA
+        self._previews: PreviewRenderer | None = None  # the running job's, while previews are in flight
 
     def run(self, job: QueuedJob) -> bool:
         """Run `job`; False when the worker must exit afterwards (a failure that breaks the GPU)."""
@@ -161,6 +162,7 @@ class JobRunner:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # every other failure becomes the job's error event
+            self._drain_previews()
             report, fatal = self._report(job, exc)
         # Out of the except block the traceback (and the tensors its frames hold) is gone.
         free_memory()
@@ -258,6 +260,7 @@ class JobRunner:
     ) -> None:
         """The job's `result` event for the files `made` wrote (`native`: the generated size's files
         when a generate job also upscaled)."""
+        self._drain_previews()
         timings.update(made.timings, total_s=time.monotonic() - job.started)
         self._tail_s = timings.get("decode_s", 0.0) + timings["save_s"]
         logger.info("job %s done in %.2f s: %s", job.job_id, timings["total_s"], made.path.name)
@@ -276,6 +279,8 @@ class JobRunner:
         job.stage = stage
         if stage == "sampling":
             job.sampling_started = time.monotonic()
+        else:
+            self._drain_previews()
         self._progress(job, stage, eta=None)
 
     def _progress(self, job: QueuedJob, stage: str, eta: float | None, detail: str | None = None) -> None:
@@ -317,17 +322,29 @@ class JobRunner:
             return None
 
     def _send_preview(self, job: QueuedJob, previews: PreviewRenderer, step: SamplerStep) -> None:
+        """Rendered and sent from the renderer's thread (the sampling loop goes on at once); the
+        job's later events wait for it (`_drain_previews`)."""
+        index, total = step.index, step.total
+
+        def deliver(png: bytes, width: int, height: int) -> None:
+            self.send(
+                message(
+                    "preview", job_id=job.job_id, step=index, total=total, width=width, height=height,
+                    mime="image/png", data=encode_preview(png),
+                )
+            )  # fmt: skip
+
+        self._previews = previews
         try:
-            png, width, height = previews.render(step.x0)
+            previews.submit(step.x0, deliver)
         except Exception:
-            logger.warning("preview at step %d failed", step.index, exc_info=True)
-            return
-        self.send(
-            message(
-                "preview", job_id=job.job_id, step=step.index, total=step.total, width=width, height=height,
-                mime="image/png", data=encode_preview(png),
-            )
-        )  # fmt: skip
+            logger.warning("preview at step %d failed", index, exc_info=True)
+
+    def _drain_previews(self) -> None:
+        """Every preview of the running job is sent before its next stage, result or error."""
+        previews, self._previews = self._previews, None
+        if previews is not None:
+            previews.drain()
 
     def _download_cb(self, job: QueuedJob) -> Callable[[str, int, int], None]:
         last = [0.0]
