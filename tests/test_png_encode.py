@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dit360_blender.panorama.png_encode import _adler32_combine, write_png_rgb
 from dit360_blender.pipeline.image_io import read_png_metadata, save_png
-from dit360_blender.pipeline.png_encode import _adler32_combine, write_png_rgb
 
 
 def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:

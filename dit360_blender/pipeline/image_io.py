@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..panorama.png_encode import write_png_rgb
 from .errors import OutputWriteError
-from .png_encode import write_png_rgb
 
 
 def save_png(path: Path, rgb: np.ndarray, metadata: dict) -> Path:
