@@ -161,7 +161,7 @@ class WorkerClient:
         self._events: queue.Queue[dict] = queue.Queue()
         self._held: deque[dict] = deque()  # events `run()` set aside for `poll()`
         self._statuses: queue.Queue[dict] = queue.Queue()
-        self._fatal: dict | None = None  # the current worker's fatal job-less error, if it sent one
+        self._last_fatal: dict | None = None  # the fatal error of the worker that ended last, if any
         self._worker: WorkerProcess | None = None
         self._starter: threading.Thread | None = None
         self._start_error: WorkerError | None = None
@@ -210,9 +210,11 @@ class WorkerClient:
         while True:
             info = self.ready_info
             if info is None:
+                fatal = self._last_fatal
+                if fatal is not None:  # it said why it ended (torch failed to load, ...)
+                    raise WorkerError(fatal["code"], fatal["message"], fatal["hint"])
                 raise WorkerError(
-                    "worker_start_failed", "The worker is not running (it may have failed to load torch).",
-                    f"See the worker log in {self.log_dir}.",
+                    "worker_start_failed", "The worker is not running.", f"See the worker log in {self.log_dir}."
                 )  # fmt: skip
             if "device" in info:
                 return info
@@ -385,7 +387,7 @@ class WorkerClient:
             if generation != self._generation:  # close() was called while it started
                 w.stop(1.0)
                 return
-            self._worker, self._starter = w, None
+            self._worker, self._starter, self._last_fatal = w, None, None
             self._emit(message("ready", **w.ready))
             w.reader = threading.Thread(
                 target=self._read, args=(w, decoder, rest), name="dit360-reader", daemon=True
@@ -443,7 +445,7 @@ class WorkerClient:
         beat = Heartbeat(self.heartbeat_timeout)
         while True:
             for item in items:
-                self._on_frame(item)
+                self._on_frame(item, w)
             items = []
             try:
                 ready, _, _ = select.select([w.sock], [], [], min(READ_WAKE_S, beat.interval))
@@ -466,7 +468,7 @@ class WorkerClient:
             items = decoder.feed(data)
         self._on_gone(w)
 
-    def _on_frame(self, item: bytes | ProtocolError) -> None:
+    def _on_frame(self, item: bytes | ProtocolError, w: WorkerProcess) -> None:
         try:
             if isinstance(item, ProtocolError):
                 raise item
@@ -479,9 +481,9 @@ class WorkerClient:
             )
             return
         if msg["type"] == "device":
-            self._note_device(msg)
+            self._note_device(msg, w)
         if msg["type"] == "error" and msg.get("job_id") is None and msg.get("fatal"):
-            self._fatal = msg  # the worker exits next: its unfinished jobs end with this cause
+            w.fatal = msg  # the worker exits next: its unfinished jobs end with this cause
         if msg["type"] == "status":
             self._statuses.put(msg)
             return
@@ -507,7 +509,8 @@ class WorkerClient:
         if w.sock is not None:
             w.sock.close()
         w.gone.set()
-        fatal, self._fatal = self._fatal, None
+        fatal = w.fatal
+        self._last_fatal = fatal
         for job_id in lost:
             if fatal is not None:  # it said why before it went (torch failed to load, ...)
                 self._emit(error(fatal["code"], fatal["message"], fatal["hint"], job_id=job_id))
@@ -519,11 +522,11 @@ class WorkerClient:
             what = "stopped responding and was stopped" if w.unresponsive else f"exited (exit code {code})"
             self._emit(message("log", level="warning", message=f"The worker {what}."))
 
-    def _note_device(self, msg: dict) -> None:
-        """The `device` event (torch loaded, seconds after `ready`): `ready_info` has its fields from now on."""
+    def _note_device(self, msg: dict, w: WorkerProcess) -> None:
+        """The `device` event of worker `w` (torch loaded, seconds after `ready`): its `ready_info`
+        has these fields from now on."""
         with self._lock:
-            if self._worker is not None:
-                self._worker.ready.update({k: v for k, v in msg.items() if k not in ("v", "type")})
+            w.ready.update({k: v for k, v in msg.items() if k not in ("v", "type")})
 
     def _broken(self, w: WorkerProcess) -> None:
         """A send failed: the stream may be half-written, so this worker is finished. Killing it is

@@ -366,7 +366,7 @@ class RemoteWorkerClient(WorkerClient):
         beat = Heartbeat(self.heartbeat_timeout)
         while True:
             for item in items:
-                self._on_frame(item)
+                self._on_frame(item, w)
             items = []
             try:
                 ready, _, _ = select.select([w.sock], [], [], min(READ_WAKE_S, beat.interval))
@@ -535,7 +535,7 @@ class RemoteWorkerClient(WorkerClient):
                 self._uploading.discard(job_id)
             self._broken(w)  # after the reconnect the worker doesn't know the job: it is sent again
 
-    def _on_frame(self, item: bytes | ProtocolError) -> None:
+    def _on_frame(self, item: bytes | ProtocolError, w: RemoteConnection) -> None:
         try:
             if isinstance(item, ProtocolError):
                 raise item
@@ -549,7 +549,7 @@ class RemoteWorkerClient(WorkerClient):
             return
         kind, job_id = msg["type"], msg.get("job_id")
         if kind == "device":
-            self._note_device(msg)
+            self._note_device(msg, w)
         if kind == "chunk":
             self._on_chunk(msg)
         elif kind == "uploaded" or kind == "pong":

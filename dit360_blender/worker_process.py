@@ -76,6 +76,7 @@ class WorkerProcess:
         self.reader: threading.Thread | None = None
         self.start_logs: list[str] = []  # `log` messages sent before `ready` (often the failure's cause)
         self.unresponsive = False  # it answered no ping in time and was killed
+        self.fatal: dict | None = None  # its fatal job-less error (it exits next), if it sent one
 
     def send(self, msg: dict) -> None:
         """Raises ProtocolError for a message that cannot be sent, OSError when the worker cannot

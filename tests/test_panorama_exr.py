@@ -139,9 +139,24 @@ def test_negative_light_is_written_as_black_and_the_source_is_untouched(tmp_path
     assert np.array_equal(image, before)  # the caller's image is not clipped in place
 
 
-def test_compression_runs_on_openexrs_thread_pool(tmp_path):
+def test_compression_runs_on_openexrs_thread_pool(tmp_path, monkeypatch):
     """OpenEXR's pool is off (0 threads) unless set; writing a file turns it on (ZIP on the cores)."""
     import os
 
+    from dit360_blender.panorama import exr as exr_module
+
+    monkeypatch.setattr(exr_module, "_threads_set", False)
+    OpenEXR.set_global_thread_count(0)
     write_exr(tmp_path / "t.exr", np.ones((8, 8, 3), np.float32))
     assert OpenEXR.global_thread_count() == min(os.cpu_count() or 1, 8)
+
+
+def test_bindings_without_a_thread_pool_call_still_write(tmp_path, monkeypatch):
+    """OpenEXR bindings before 3.5 have no set_global_thread_count (runtime.txt allows >= 3.3)."""
+    from dit360_blender.panorama import exr as exr_module
+
+    monkeypatch.delattr(OpenEXR, "set_global_thread_count")
+    monkeypatch.setattr(exr_module, "_threads_set", False)
+    image = np.random.default_rng(3).uniform(0, 4, (8, 12, 3)).astype(np.float32)
+    read, _ = read_exr(write_exr(tmp_path / "old.exr", image))
+    assert within_half(read, image)

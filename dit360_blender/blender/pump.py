@@ -172,7 +172,8 @@ class Pump:
             return
         job = self.job
         if job is None or job.done or event.get("job_id") != job.job_id:
-            job_less_error = kind == "error" and event.get("job_id") is None  # e.g. torch failed to load
+            # a worker's fatal job-less error (torch failed to load) says why it is gone
+            job_less_error = kind == "error" and event.get("job_id") is None and bool(event.get("fatal"))
             if (
                 (job_less_error or kind == "log" and event.get("level") == "error")
                 and state is not None

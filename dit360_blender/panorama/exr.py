@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,19 @@ HALF_MAX = float(np.finfo(np.float16).max)  # 65504
 _COMPRESSION_THREADS = min(os.cpu_count() or 1, 8)
 
 
+_threads_lock = threading.Lock()
+_threads_set = False
+
+
 def _use_compression_threads() -> None:
-    if OpenEXR.global_thread_count() < _COMPRESSION_THREADS:
-        OpenEXR.set_global_thread_count(_COMPRESSION_THREADS)
+    """Once per process, before its first write (OpenEXR's docs: set it at start, not between
+    reads and writes); bindings older than 3.5 have no such call and compress on one thread."""
+    global _threads_set
+    with _threads_lock:
+        if not _threads_set and hasattr(OpenEXR, "set_global_thread_count"):
+            if OpenEXR.global_thread_count() < _COMPRESSION_THREADS:
+                OpenEXR.set_global_thread_count(_COMPRESSION_THREADS)
+        _threads_set = True
 
 
 def write_exr(path: str | os.PathLike, image: np.ndarray) -> Path:

@@ -271,7 +271,8 @@ def pole_detail(image: np.ndarray, face_size: int | None = None) -> dict:
     img = to_unit_float(image)
     height, width = img.shape[:2]
     # channel by channel: a product with LUMA_709 over a last axis of 3 is several times slower
-    luma = img[..., 0] * LUMA_709[0] + img[..., 1] * LUMA_709[1] + img[..., 2] * LUMA_709[2]
+    # (in float64 whatever numpy's scalar promotion rules: numpy 1 would keep float32 here)
+    luma = sum(np.multiply(img[..., c], LUMA_709[c], dtype=np.float64) for c in range(3))
     n = face_size or max(16, width // 4)
     energies = {face: _laplacian_energy(_cube_face(luma, face, n)) for face in _FACES}
     side = np.mean([energies[f] for f in ("+X", "-X", "+Y", "-Y")])

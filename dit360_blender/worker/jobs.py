@@ -106,7 +106,11 @@ class ModelCache:
         """The preview projection of the loaded VAE, fitted on first use."""
         if self._projection is None:
             assert self.pipe is not None
-            self._projection = fit_latent_rgb(self.pipe.vae)
+            weights, bias = fit_latent_rgb(self.pipe.vae)
+            device = getattr(self.pipe, "device", None)  # where x0 is: no copy from the CPU per preview
+            if isinstance(device, torch.device):
+                weights, bias = weights.to(device), bias.to(device)
+            self._projection = (weights, bias)
         return self._projection
 
     def release(self) -> None:

@@ -66,6 +66,7 @@ class PreviewRenderer:
         self.unroll = False  # turn the picture back by half (a seam repair samples it turned)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def render(self, x0: Tensor) -> tuple[bytes, int, int]:
         """PNG bytes, width, height of the projected x0 estimate (1, tokens, 64), at once."""
@@ -79,9 +80,9 @@ class PreviewRenderer:
         done = None
         if pixels.device.type == "cuda":
             host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
-            host.copy_(pixels, non_blocking=True)
+            host.copy_(pixels, non_blocking=True)  # queued on the current stream of x0's GPU
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(pixels.device))  # that GPU's, not device 0's
             pixels = host
         else:
             pixels = pixels.cpu()
@@ -102,13 +103,20 @@ class PreviewRenderer:
     def _project(self, x0: Tensor) -> Tensor:
         """(h, w, 3) uint8 on x0's device: the projection of x0, shrunk to the preview size."""
         x0 = x0.detach().float()
-        weights, bias = self.weights.to(x0.device), self.bias.to(x0.device)
+        weights, bias = self._projection_on(x0.device)
         latents = unpack(crop_pad(x0, self.grid_h, self.grid_w), self.grid_h, self.grid_w)[0]
         if self.unroll:
             latents = torch.roll(latents, -(latents.shape[-1] // 2), dims=-1)
         rgb = torch.einsum("chw,ck->khw", latents, weights) + bias[:, None, None]
         rgb = _fit_size(((rgb + 1) / 2).clamp(0, 1))
         return (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).contiguous()
+
+    def _projection_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The projection on `device`, copied there once: a copy from the CPU waits for everything
+        queued on the GPU, which is what the loop must not do at every step."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.weights.to(device), self.bias.to(device))
+        return self._on_device[device]
 
 
 def _encode_and_deliver(pixels: Tensor, done, deliver: Callable[[bytes, int, int], None]) -> None:

@@ -145,6 +145,7 @@ class Worker:
         self.owner: Connection | None = None
         self.ready_info: dict = base_ready_fields()  # what `ready` reports before torch is there
         self.device_info: dict | None = None  # the `device` event's fields, set by `start_jobs`
+        self._start_failure: tuple[str, str] | None = None  # (message, hint) once `start_jobs` failed
         self._owner_lock = threading.Lock()
         self._device_lock = threading.Lock()  # `ready` and `device` reach each client once, in order
         self._stopping = threading.Event()
@@ -323,6 +324,9 @@ class Worker:
         except ProtocolError as exc:
             conn.send(exc.to_message(job_id))
             return
+        if self._start_failure is not None:
+            conn.send(error("worker_start_failed", *self._start_failure, job_id=job_id))
+            return
         if self._stopping.is_set():
             conn.send(error("cancelled", "The worker is shutting down.", "Submit again.", job_id=job_id))
             return
@@ -396,6 +400,7 @@ class Worker:
         a fatal `error`, and so does every job it queued, before the worker exits."""
         text = f"The worker could not load torch and the pipeline: {type(exc).__name__}: {exc}"
         hint = "Run Install Dependencies in the add-on's preferences again; the worker log has the details."
+        self._start_failure = (text, hint)  # a job that arrives from now on is answered with it
         for job in self.queue.stop():
             self.send(error("worker_start_failed", text, hint, job_id=job.job_id))
         self.send(error("worker_start_failed", text, hint, fatal=True))
