@@ -17,6 +17,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .fp8 import Fp8Linear
+
 # ---------------------------------------------------------------------------------------------
 # Positions and attention
 
@@ -201,6 +203,20 @@ def _clip_fp16(x: Tensor) -> Tensor:
     return x.clamp(-65504, 65504) if x.dtype == torch.float16 else x
 
 
+def _gelu_linear(linear: nn.Module, first: Tensor | None, second: Tensor) -> Tensor:
+    """linear(cat(first, gelu_tanh(second))) along the last axis: fp8 layers quantise that input
+    in one fused kernel where they can (fp8.py, fp8_fused.py)."""
+    if isinstance(linear, Fp8Linear):
+        return linear.forward_gelu(first, second)
+    x = F.gelu(second, approximate="tanh")
+    return linear(x if first is None else torch.cat((first, x), dim=-1))
+
+
+def _mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """The double blocks' Sequential(Linear, GELU(tanh), Linear), its keys kept for the checkpoint."""
+    return _gelu_linear(mlp[2], None, mlp[0](x))
+
+
 def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=num_heads)
     return q, k, v
@@ -259,9 +275,9 @@ class DoubleStreamBlock(nn.Module):
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(img_mod2.apply(self.img_norm2(img)))
+        img = img + img_mod2.gate * _mlp(self.img_mlp, img_mod2.apply(self.img_norm2(img)))
         txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.apply(self.txt_norm2(txt)))
+        txt = txt + txt_mod2.gate * _mlp(self.txt_mlp, txt_mod2.apply(self.txt_norm2(txt)))
         return img, _clip_fp16(txt)
 
 
@@ -279,7 +295,6 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = _layer_norm(hidden_size)
-        self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
@@ -290,7 +305,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = _split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         attn = self.attention_fn(q, k, v, pe=pe)
-        return _clip_fp16(x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)))
+        return _clip_fp16(x + mod.gate * _gelu_linear(self.linear2, attn, mlp))
 
 
 class LastLayer(nn.Module):

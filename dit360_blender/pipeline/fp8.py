@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fp8_fused
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -39,6 +41,7 @@ class Fp8Linear(nn.Module):
     use_scaled_mm = False
     fuse_bias = False
     scaled_out_dtype = torch.bfloat16
+    fuse_gelu_input = True  # forward_gelu's one-kernel quantisation where it can run (bench: off)
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -61,10 +64,33 @@ class Fp8Linear(nn.Module):
         out = F.linear(x, self.weight.to(x.dtype)) * self.scale_weight.t().to(x.dtype)
         return out + bias if bias is not None else out
 
+    def forward_gelu(self, first: Tensor | None, second: Tensor) -> Tensor:
+        """self(cat(first, gelu_tanh(second))) along the last axis. On the fp8 matmul path the
+        GELU, the concatenation and the quantisation are one kernel (fp8_fused.py); elsewhere, or
+        with a hook on this layer (a LoRA side path), exactly the plain layers."""
+        rows = second.numel() // second.shape[-1]
+        fused = (
+            self.use_scaled_mm
+            and self.fuse_gelu_input
+            and rows % _MIN_SCALED_MM_ROWS == 0
+            and fp8_fused.available(second)
+        )
+        if fused and not self._forward_hooks and not self._forward_pre_hooks:
+            first_rows = None if first is None else first.reshape(rows, first.shape[-1])
+            xq, x_scale = fp8_fused.gelu_quantize_rows(first_rows, second.reshape(rows, second.shape[-1]))
+            out = self._scaled_matmul(xq, x_scale)
+            return out.reshape(*second.shape[:-1], self.out_features).to(second.dtype)
+        x = F.gelu(second, approximate="tanh")
+        return self(x if first is None else torch.cat((first, x), dim=-1))
+
     def _scaled_forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
         xq = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        return self._scaled_matmul(xq, x_scale).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _scaled_matmul(self, xq: Tensor, x_scale: Tensor) -> Tensor:
+        """(rows, in) e4m3 activations with per-row scales @ the weight, + bias, in scaled_out_dtype."""
         out_dtype = self.scaled_out_dtype
         bias = self.bias.to(out_dtype) if self.bias is not None else None
         scale_b = self.scale_weight.t().contiguous()
@@ -74,7 +100,7 @@ class Fp8Linear(nn.Module):
         )
         if bias is not None and not self.fuse_bias:
             out = out + bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out
 
 
 def probe_scaled_mm(device: torch.device, out_dtype: torch.dtype) -> tuple[bool, bool]:

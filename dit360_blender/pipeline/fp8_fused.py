@@ -1,0 +1,95 @@
+"""One kernel that turns an fp8 layer's input rows into e4m3 + one scale per row (Triton, CUDA).
+
+The fp8 matmuls quantise their activations per token (fp8.py). Under torch.compile, Inductor fuses
+that into what comes before it, but for the two widest inputs — a single block's
+cat(attention, gelu(mlp)) into `linear2` (15360 wide) and a double block's gelu(mlp) into the MLP's
+second Linear (12288 wide) — it makes a looped reduction that reads each row twice and computes
+the GELU twice: 0.36–0.39 ms a call, 22 ms of every step on an H200 (bench/step_variants.py). Here
+one program holds a whole row in registers: it reads the row once, applies the GELU, finds the
+row's abs-max and writes the fp8 row and its scale.
+
+The numbers are those of the plain path in fp8.py: the GELU (tanh form) is rounded to the compute
+dtype before the abs-max, as `nn.GELU` then `torch.cat` would leave it. `available()` is False
+without Triton (CPU, MPS, Windows without triton-windows); callers then take the plain path.
+"""
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # no Triton here: the plain path only
+    triton = None
+
+FP8_MAX = 448.0
+_MAX_ROW = 32768  # one row per program, in registers: wider rows take the plain path
+
+
+def available(x: Tensor) -> bool:
+    """The fused kernel can quantise rows of `x` (a CUDA tensor in a half dtype, Triton present)."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def gelu_tanh_reference(x: Tensor) -> Tensor:
+    """GELU, tanh form, in float32: what the kernel computes before rounding to the compute dtype."""
+    x = x.float()
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu_quantize_rows_kernel(
+        first_ptr, first_stride, second_ptr, second_stride, out_ptr, scale_ptr,
+        FIRST: tl.constexpr, SECOND: tl.constexpr, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        in_first = cols < FIRST
+        in_second = (cols >= FIRST) & (cols < FIRST + SECOND)
+        first = tl.load(first_ptr + row * first_stride + cols, mask=in_first, other=0.0).to(tl.float32)
+        x = tl.load(second_ptr + row * second_stride + (cols - FIRST), mask=in_second, other=0.0)
+        x = x.to(tl.float32)
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        tanh = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)  # exp overflow gives tanh = 1, as it should
+        gelu = 0.5 * x * (1.0 + tanh)
+        if ROUND_BF16:  # as nn.GELU leaves it in the compute dtype
+            gelu = gelu.to(tl.bfloat16).to(tl.float32)
+        else:
+            gelu = gelu.to(tl.float16).to(tl.float32)
+        values = tl.where(in_first, first, gelu)
+        scale = tl.maximum(tl.max(tl.abs(values), axis=0) / FP8_MAX, 1e-12)
+        quantised = tl.clamp(tl.math.div_rn(values, scale), -FP8_MAX, FP8_MAX)
+        tl.store(
+            out_ptr + row * (FIRST + SECOND) + cols, quantised.to(tl.float8e4nv), mask=cols < FIRST + SECOND
+        )
+        tl.store(scale_ptr + row, scale)
+
+    @triton_op("dit360::gelu_quantize_rows", mutates_args={})
+    def _gelu_quantize_rows(first: Tensor | None, second: Tensor) -> tuple[Tensor, Tensor]:
+        rows, second_width = second.shape
+        first_width = 0 if first is None else first.shape[1]
+        out = torch.empty(rows, first_width + second_width, dtype=torch.float8_e4m3fn, device=second.device)
+        scale = torch.empty(rows, 1, dtype=torch.float32, device=second.device)
+        block = triton.next_power_of_2(first_width + second_width)
+        source = second if first is None else first
+        wrap_triton(_gelu_quantize_rows_kernel)[(rows,)](
+            source, source.stride(0), second, second.stride(0), out, scale,
+            FIRST=first_width, SECOND=second_width, BLOCK=block,
+            ROUND_BF16=second.dtype == torch.bfloat16, num_warps=min(32, max(4, block // 512)),
+        )  # fmt: skip
+        return out, scale
+
+
+def gelu_quantize_rows(first: Tensor | None, second: Tensor) -> tuple[Tensor, Tensor]:
+    """(e4m3 rows, fp32 scales (rows, 1)) of cat(first, gelu_tanh(second)) along the last axis, one
+    scale per row (its abs-max maps to 448). `first` (optional) and `second` are (rows, width)
+    with unit stride along the row (a split's view is fine); call only where `available` holds."""
+    width = second.shape[1] + (0 if first is None else first.shape[1])
+    if width > _MAX_ROW or second.stride(1) != 1 or (first is not None and first.stride(1) != 1):
+        raise ValueError(
+            f"rows of {width} columns with a unit inner stride are needed, got {second.stride()}"
+        )
+    return _gelu_quantize_rows(first, second)
