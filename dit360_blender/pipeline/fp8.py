@@ -41,7 +41,7 @@ class Fp8Linear(nn.Module):
     use_scaled_mm = False
     fuse_bias = False
     scaled_out_dtype = torch.bfloat16
-    fuse_gelu_input = True  # forward_gelu's one-kernel quantisation where it can run (bench: off)
+    fuse_gelu_input = False  # forward_gelu in one fused kernel: set with use_scaled_mm, from a probe
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -143,8 +143,10 @@ def enable_fp8_matmul(model: nn.Module, device: torch.device, dtype: torch.dtype
                 break
     if not enabled:
         logger.info("fp8 weights on %s are upcast to %s per layer (no fp8 matmul there)", device, dtype)
+    fuse_gelu = enabled and fp8_fused.probe(device, out_dtype)
     for layer in layers:
         layer.use_scaled_mm, layer.fuse_bias, layer.scaled_out_dtype = enabled, fuse_bias, out_dtype
+        layer.fuse_gelu_input = fuse_gelu
     return enabled
 
 
