@@ -97,7 +97,7 @@ def family(name: str) -> str:
         return "attention"
     if "gemm" in lowered or "xmma" in lowered or "cutlass" in lowered or "sm90" in lowered:
         return "gemm"
-    if lowered.startswith("triton"):
+    if lowered.startswith("triton") or "quantize_rows" in lowered:
         return "inductor fused"
     return "other"
 
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--diffusers", action="store_true")
+    parser.add_argument("--coordinate-descent", action="store_true", help="also with Inductor's tuning")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -267,8 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, setup, fused in (
         ("compile", None, False),
         ("compile + fused GELU quantisation", None, True),
-        ("compile + coordinate descent", coordinate_descent, False),
-        ("compile + fused GELU quantisation + coordinate descent", None, True),
+        *(
+            (
+                ("compile + coordinate descent", coordinate_descent, False),
+                ("compile + fused GELU quantisation + coordinate descent", None, True),
+            )
+            if args.coordinate_descent
+            else ()
+        ),
     ):
         results[name] = run_variant(name, model, step_inputs, args.repeats, setup, fused)
         if args.json:

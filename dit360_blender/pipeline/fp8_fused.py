@@ -66,7 +66,8 @@ if triton is not None:
             gelu = gelu.to(tl.float16).to(tl.float32)
         values = tl.where(in_first, first, gelu)
         scale = tl.maximum(tl.max(tl.abs(values), axis=0) / 448.0, 1e-12)
-        quantised = tl.clamp(tl.math.div_rn(values, scale), -448.0, 448.0)  # e4m3's largest
+        # one exact reciprocal per row: a per-element IEEE division made the kernel compute-bound
+        quantised = tl.clamp(values * tl.math.div_rn(1.0, scale), -448.0, 448.0)  # e4m3's largest
         tl.store(
             out_ptr + row * (FIRST + SECOND) + cols, quantised.to(tl.float8e4nv), mask=cols < FIRST + SECOND
         )
@@ -83,7 +84,7 @@ if triton is not None:
         wrap_triton(_gelu_quantize_rows_kernel)[(rows,)](
             source, source.stride(0), second, second.stride(0), out, scale,
             FIRST=first_width, SECOND=second_width, BLOCK=block,
-            ROUND_BF16=second.dtype == torch.bfloat16, num_warps=min(32, max(4, block // 512)),
+            ROUND_BF16=second.dtype == torch.bfloat16, num_warps=8,  # fastest of 4-32 on an H200
         )  # fmt: skip
         return out, scale
 
