@@ -118,3 +118,18 @@ def test_without_triton_or_cuda_the_kernel_is_not_available():
     assert not fp8_fused.available(x)  # a CPU tensor, whatever Triton says
     with pytest.raises(ValueError, match="unit inner stride"):
         fp8_fused.gelu_quantize_rows(None, x.t())
+
+
+def test_rows_too_wide_for_the_kernel_or_strided_take_a_safe_path(layer, monkeypatch):
+    linear, calls, gen = layer
+    first = torch.randn(1, 16, 48, generator=gen).to(torch.bfloat16)
+    every_other = torch.randn(1, 16, 160, generator=gen).to(torch.bfloat16)[..., ::2]  # inner stride 2
+    out = _gelu_linear(linear, first, every_other)
+    assert calls and calls[-1][2] == (80, 1)  # handed over as a contiguous copy
+    ref = _reference(linear, first, every_other)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 0.06
+    calls.clear()
+    monkeypatch.setattr(fp8_fused, "MAX_ROW", 64)  # a row of 128 no longer fits one program
+    wide = _gelu_linear(linear, first, every_other)
+    assert calls == []
+    assert ((wide.double() - ref).norm() / ref.norm()).item() < 0.06

@@ -75,9 +75,15 @@ class Fp8Linear(nn.Module):
             and rows % _MIN_SCALED_MM_ROWS == 0
             and fp8_fused.available(second)
         )
+        width = second.shape[-1] + (0 if first is None else first.shape[-1])
+        fused = fused and width <= fp8_fused.MAX_ROW
         if fused and not self._forward_hooks and not self._forward_pre_hooks:
-            first_rows = None if first is None else first.reshape(rows, first.shape[-1])
-            xq, x_scale = fp8_fused.gelu_quantize_rows(first_rows, second.reshape(rows, second.shape[-1]))
+            # the kernel reads rows with a unit inner stride (a split's view of linear1 is one)
+            first_rows = None if first is None else first.reshape(rows, first.shape[-1]).contiguous()
+            second_rows = second.reshape(rows, second.shape[-1])
+            if second_rows.stride(1) != 1:
+                second_rows = second_rows.contiguous()
+            xq, x_scale = fp8_fused.gelu_quantize_rows(first_rows, second_rows)
             out = self._scaled_matmul(xq, x_scale)
             return out.reshape(*second.shape[:-1], self.out_features).to(second.dtype)
         x = F.gelu(second, approximate="tanh")

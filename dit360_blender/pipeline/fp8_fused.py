@@ -29,7 +29,7 @@ except ImportError:  # no Triton here: the plain path only
     triton = None
 
 FP8_MAX = 448.0
-_MAX_ROW = 32768  # one row per program, in registers: wider rows take the plain path
+MAX_ROW = 32768  # one row per program, in registers: wider rows take the plain path
 
 
 def available(x: Tensor) -> bool:
@@ -118,7 +118,7 @@ def gelu_quantize_rows(first: Tensor | None, second: Tensor) -> tuple[Tensor, Te
     scale per row (its abs-max maps to 448). `first` (optional) and `second` are (rows, width)
     with unit stride along the row (a split's view is fine); call only where `available` holds."""
     width = second.shape[1] + (0 if first is None else first.shape[1])
-    if width > _MAX_ROW or second.stride(1) != 1 or (first is not None and first.stride(1) != 1):
+    if width > MAX_ROW or second.stride(1) != 1 or (first is not None and first.stride(1) != 1):
         raise ValueError(
             f"rows of {width} columns with a unit inner stride are needed, got {second.stride()}"
         )
