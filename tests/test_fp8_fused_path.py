@@ -34,7 +34,7 @@ def _kernel_by_formula(first, second):
 @pytest.fixture
 def layer(monkeypatch):
     monkeypatch.setattr(fp8_fused, "available", lambda x: True)
-    monkeypatch.setattr(fp8_fused, "probe", lambda device, dtype: True)
+    monkeypatch.setattr(fp8_fused, "probe", lambda device, dtype, shapes: True)
     calls = []
 
     def kernel(first, second):
@@ -133,3 +133,29 @@ def test_rows_too_wide_for_the_kernel_or_strided_take_a_safe_path(layer, monkeyp
     wide = _gelu_linear(linear, first, every_other)
     assert calls == []
     assert ((wide.double() - ref).norm() / ref.norm()).item() < 0.06
+
+
+def test_the_plain_path_is_bit_for_bit_the_old_block_code():
+    """Where nothing is fused, _gelu_linear / _mlp are exactly what the blocks ran before:
+    nn.Sequential(Linear, GELU(tanh), Linear) and linear2(cat(attn, GELU(tanh)(mlp)))."""
+    from dit360_blender.pipeline.flux_layers import _mlp
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(32, 128), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(128, 32)
+    ).to(torch.bfloat16)
+    x = torch.randn(1, 24, 32, generator=gen).to(torch.bfloat16)
+    assert torch.equal(_mlp(mlp, x), mlp(x))
+    linear2 = torch.nn.Linear(48 + 80, 64).to(torch.bfloat16)
+    first = torch.randn(1, 24, 48, generator=gen).to(torch.bfloat16)
+    second = torch.randn(1, 24, 200, generator=gen).to(torch.bfloat16)[..., 40:120]
+    old = linear2(torch.cat((first, torch.nn.GELU(approximate="tanh")(second)), dim=2))
+    assert torch.equal(_gelu_linear(linear2, first, second), old)
+    fp8_layer = Fp8Linear(128, 64, bias=True)
+    q, scale = quantize_rowwise(torch.randn(64, 128, generator=gen) / 11)
+    fp8_layer.weight.data, fp8_layer.scale_weight = q, scale
+    fp8_layer.bias.data = torch.randn(64, generator=gen)
+    assert not fp8_layer.fuse_gelu_input  # off until a probe on the model's device says otherwise
+    old = fp8_layer(torch.cat((first, torch.nn.GELU(approximate="tanh")(second)), dim=2))
+    assert torch.equal(_gelu_linear(fp8_layer, first, second), old)

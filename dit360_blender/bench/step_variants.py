@@ -155,7 +155,7 @@ def set_fused_gelu_input(model: Flux, on: bool) -> None:
             module.fuse_gelu_input = on
 
 
-def fused_accuracy(model: Flux, args_: tuple) -> dict:
+def fused_accuracy(model: Flux, args_: tuple) -> tuple[dict, torch.Tensor]:
     """The fused GELU quantisation against the plain path: one layer's fp8 input at the real shape
     and the whole (eager) forward."""
     from dit360_blender.pipeline import fp8_fused
@@ -181,11 +181,17 @@ def fused_accuracy(model: Flux, args_: tuple) -> dict:
         fused = model(*args_).double()
     record["forward_rel_diff"] = ((fused - plain).norm() / plain.norm()).item()
     print(f"[fused accuracy] {record}", flush=True)
-    return record
+    return record, fused
 
 
 def run_variant(
-    name: str, model: Flux, args_: tuple, repeats: int, setup: Callable | None = None, fused: bool = False
+    name: str,
+    model: Flux,
+    args_: tuple,
+    repeats: int,
+    setup: Callable | None = None,
+    fused: bool = False,
+    eager_fused: torch.Tensor | None = None,
 ) -> dict:
     import torch._dynamo
 
@@ -208,6 +214,11 @@ def run_variant(
                 fn = captured(forward)
                 record["capture_s"] = time.perf_counter() - t0
         record.update(timed(fn, repeats))
+        if fused and eager_fused is not None:  # what Inductor made of the custom kernel's call
+            compiled = forward().double()
+            record["compiled_vs_eager_rel_diff"] = (
+                (compiled - eager_fused).norm() / eager_fused.norm()
+            ).item()
         record["profile"] = profile_summary(fn)
     except Exception as exc:  # a variant that can't run here is reported, the others still run
         record["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -259,25 +270,25 @@ def main(argv: list[str] | None = None) -> int:
     model = fp8_model(device)
     step_inputs = inputs(device)
 
-    def coordinate_descent():
-        import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config
 
-        inductor_config.coordinate_descent_tuning = True
+    def tuning(on: bool) -> Callable[[], None]:
+        return lambda: setattr(inductor_config, "coordinate_descent_tuning", on)
 
-    results["fused accuracy"] = fused_accuracy(model, step_inputs)
-    for name, setup, fused in (
-        ("compile", None, False),
-        ("compile + fused GELU quantisation", None, True),
-        *(
-            (
-                ("compile + coordinate descent", coordinate_descent, False),
-                ("compile + fused GELU quantisation + coordinate descent", None, True),
-            )
-            if args.coordinate_descent
-            else ()
-        ),
-    ):
-        results[name] = run_variant(name, model, step_inputs, args.repeats, setup, fused)
+    probed = any(m.fuse_gelu_input for m in model.modules() if isinstance(m, Fp8Linear))
+    results["fused kernel probe passed"] = probed
+    eager_fused = None
+    if probed:
+        results["fused accuracy"], eager_fused = fused_accuracy(model, step_inputs)
+    variants = [("compile", tuning(False), False)]
+    if probed:
+        variants.append(("compile + fused GELU quantisation", tuning(False), True))
+    if args.coordinate_descent:
+        variants.append(("compile + coordinate descent", tuning(True), False))
+        if probed:
+            variants.append(("compile + fused GELU quantisation + coordinate descent", tuning(True), True))
+    for name, setup, fused in variants:
+        results[name] = run_variant(name, model, step_inputs, args.repeats, setup, fused, eager_fused)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=float))
     return 0

@@ -149,11 +149,22 @@ def enable_fp8_matmul(model: nn.Module, device: torch.device, dtype: torch.dtype
                 break
     if not enabled:
         logger.info("fp8 weights on %s are upcast to %s per layer (no fp8 matmul there)", device, dtype)
-    fuse_gelu = enabled and fp8_fused.probe(device, out_dtype)
+    half = dtype in (torch.float16, torch.bfloat16)
+    fuse_gelu = enabled and half and fp8_fused.probe(device, dtype, gelu_input_widths(model))
     for layer in layers:
         layer.use_scaled_mm, layer.fuse_bias, layer.scaled_out_dtype = enabled, fuse_bias, out_dtype
         layer.fuse_gelu_input = fuse_gelu
     return enabled
+
+
+def gelu_input_widths(model: nn.Module) -> list[tuple[int, int]]:
+    """The (first, second) widths a FLUX model hands `Fp8Linear.forward_gelu`: a double block's
+    gelu(mlp) alone and a single block's cat(attention, gelu(mlp)); a small pair otherwise."""
+    params = getattr(model, "params", None)
+    if params is None or not hasattr(params, "hidden_size"):
+        return [(64, 192)]
+    mlp_hidden = int(params.hidden_size * params.mlp_ratio)
+    return [(0, mlp_hidden), (params.hidden_size, mlp_hidden)]
 
 
 def _first_line(exc: BaseException) -> str:
