@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from dit360_blender.bench.cuda_timing import cuda_median
 from dit360_blender.pipeline.vae_model import AutoEncoder
 
 
@@ -34,23 +33,6 @@ def _random_vae(seed: int) -> AutoEncoder:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn_like(p) / fan_in**0.5)
     return vae.eval()
-
-
-def _time(fn, repeats: int, warmups: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    for _ in range(warmups):
-        fn()
-    torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
-    return statistics.median(times), warm_s
 
 
 def main() -> int:
@@ -70,7 +52,7 @@ def main() -> int:
 
     def variant(name: str, decode, warmups: int = 2) -> None:
         with torch.inference_mode():
-            step_s, warm_s = _time(decode, args.repeats, warmups)
+            step_s, warm_s = cuda_median(decode, args.repeats, warmups)
             out = decode().float()
         err = float(((out - reference).pow(2).mean() / reference.pow(2).mean()).sqrt())
         record["variants"][name] = {"decode_s": step_s, "warmups_s": warm_s, "rel_rms_vs_fp32": err}
@@ -104,8 +86,8 @@ def main() -> int:
     )
     with torch.inference_mode():
         image = vae.decode(z, wrap=True)
-        to_cpu_float, _ = _time(lambda: (image[0].float() / 2 + 0.5).clamp(0, 1).cpu(), args.repeats, 1)
-        to_cpu_u8, _ = _time(
+        to_cpu_float, _ = cuda_median(lambda: (image[0].float() / 2 + 0.5).clamp(0, 1).cpu(), args.repeats, 1)
+        to_cpu_u8, _ = cuda_median(
             lambda: ((image[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu(),
             args.repeats,
             1,

@@ -12,8 +12,8 @@ warm-ups that include the compile):
   parameters (longer compile);
 - `compile + fused GELU quantisation`: the widest fp8 inputs quantised by fp8_fused.py's kernel
   (what the pipeline does; `compile` alone is the path before it), its accuracy checked first;
-- (`compile + CUDA graph` was measured on 2026-12-03: 0.2358 s against 0.2349 s, the GPU already
-  busy 98 % of the step; `captured` below is kept to repeat it.)
+- `compile + CUDA graph` (`--cuda-graph`): the whole compiled forward captured once into a CUDA
+  graph and replayed (2026-12-03: 0.2358 s against 0.2349 s, the GPU already busy 98 % of the step).
 
 Each variant's one-step profile is summarised by kernel family (fp8 GEMMs, attention, Inductor's
 fused kernels, the rest) with GPU busy time against the step's wall time, and the slowest fused
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dit360_blender.bench.cuda_timing import cuda_median
 from dit360_blender.pipeline.flux_checkpoint import QUANTIZABLE
 from dit360_blender.pipeline.flux_layers import set_attention_backend
 from dit360_blender.pipeline.flux_model import FLUX_DEV, Flux
-from dit360_blender.pipeline.fp8 import Fp8Linear, enable_fp8_matmul, quantize_rowwise
+from dit360_blender.pipeline.fp8 import Fp8Linear, enable_fp8_matmul, quantize_activations, quantize_rowwise
 from dit360_blender.pipeline.sampling import image_ids, wrap_pad_ids
 
 WIDTH, HEIGHT = 2048, 1024
@@ -75,20 +75,8 @@ def inputs(device: torch.device) -> tuple:
 
 
 def timed(fn: Callable[[], object], repeats: int, warmups: int = 3) -> dict:
-    t0 = time.perf_counter()
-    for _ in range(warmups):
-        fn()
-    torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
-    return {"step_s": statistics.median(times), "warmups_s": warm_s}
+    step_s, warm_s = cuda_median(fn, repeats, warmups)
+    return {"step_s": step_s, "warmups_s": warm_s}
 
 
 def family(name: str) -> str:
@@ -159,7 +147,6 @@ def fused_accuracy(model: Flux, args_: tuple) -> tuple[dict, torch.Tensor]:
     """The fused GELU quantisation against the plain path: one layer's fp8 input at the real shape
     and the whole (eager) forward."""
     from dit360_blender.pipeline import fp8_fused
-    from dit360_blender.pipeline.fp8 import FP8_MAX
 
     gen = torch.Generator(args_[0].device).manual_seed(1)
     rows = args_[1].shape[1] + 512
@@ -168,8 +155,7 @@ def fused_accuracy(model: Flux, args_: tuple) -> tuple[dict, torch.Tensor]:
     mlp = linear1[:, 9216:]
     xq, scale = fp8_fused.gelu_quantize_rows(attn, mlp)
     x = torch.cat((attn, torch.nn.functional.gelu(mlp, approximate="tanh")), dim=-1)
-    ref_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-    ref_q = (x / ref_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    ref_q, ref_scale = quantize_activations(x)
     record = {
         "layer_fp8_values_differing": (xq.float() != ref_q.float()).float().mean().item(),
         "layer_scale_max_rel_diff": ((scale - ref_scale).abs() / ref_scale).max().item(),
@@ -259,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--diffusers", action="store_true")
     parser.add_argument("--coordinate-descent", action="store_true", help="also with Inductor's tuning")
+    parser.add_argument("--cuda-graph", action="store_true", help="also replayed from a CUDA graph")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -283,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("compile", tuning(False), False)]
     if probed:
         variants.append(("compile + fused GELU quantisation", tuning(False), True))
+    if args.cuda_graph:
+        variants.append(("compile + CUDA graph", tuning(False), False))
     if args.coordinate_descent:
         variants.append(("compile + coordinate descent", tuning(True), False))
         if probed:

@@ -34,6 +34,13 @@ def quantize_rowwise(weight: Tensor) -> tuple[Tensor, Tensor]:
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def quantize_activations(x2: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, in) activations → (e4m3 rows, fp32 scales (rows, 1)): one scale per token, its abs-max
+    mapped to 448; what the fp8 matmuls multiply (fp8_fused.py computes the same in one kernel)."""
+    x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    return (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), x_scale
+
+
 class Fp8Linear(nn.Module):
     """A Linear with an fp8 weight and a per-row (or per-tensor, broadcast) fp32 scale."""
 
@@ -69,15 +76,17 @@ class Fp8Linear(nn.Module):
         GELU, the concatenation and the quantisation are one kernel (fp8_fused.py); elsewhere, or
         with a hook on this layer (a LoRA side path), exactly the plain layers."""
         rows = second.numel() // second.shape[-1]
+        width = second.shape[-1] + (0 if first is None else first.shape[-1])
         fused = (
             self.use_scaled_mm
             and self.fuse_gelu_input
             and rows % _MIN_SCALED_MM_ROWS == 0
+            and width <= fp8_fused.MAX_ROW
             and fp8_fused.available(second)
+            and not self._forward_hooks
+            and not self._forward_pre_hooks
         )
-        width = second.shape[-1] + (0 if first is None else first.shape[-1])
-        fused = fused and width <= fp8_fused.MAX_ROW
-        if fused and not self._forward_hooks and not self._forward_pre_hooks:
+        if fused:
             # the kernel reads rows with a unit inner stride (a split's view of linear1 is one)
             first_rows = None if first is None else first.reshape(rows, first.shape[-1]).contiguous()
             second_rows = second.reshape(rows, second.shape[-1])
@@ -90,9 +99,7 @@ class Fp8Linear(nn.Module):
         return self(x if first is None else torch.cat((first, x), dim=-1))
 
     def _scaled_forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-        xq = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        xq, x_scale = quantize_activations(x.reshape(-1, self.in_features))
         return self._scaled_matmul(xq, x_scale).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _scaled_matmul(self, xq: Tensor, x_scale: Tensor) -> Tensor:
@@ -120,7 +127,7 @@ def probe_scaled_mm(device: torch.device, out_dtype: torch.dtype) -> tuple[bool,
     try:
         out = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=out_dtype)
     except Exception as exc:  # RuntimeError, NotImplementedError, ...: whatever this build raises
-        logger.info("fp8 matmul (%s out) unavailable on %s: %s", out_dtype, device, _first_line(exc))
+        logger.info("fp8 matmul (%s out) unavailable on %s: %s", out_dtype, device, first_line(exc))
         return False, False
     # out_dtype rounding only (bf16: 2^-8); a wrong kernel is off by far more
     if (out.float() - expected).abs().max() > 1e-2 * expected.abs().max():
@@ -167,6 +174,6 @@ def gelu_input_widths(model: nn.Module) -> list[tuple[int, int]]:
     return [(0, mlp_hidden), (params.hidden_size, mlp_hidden)]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

@@ -31,19 +31,12 @@ try:
 except Exception:  # no Triton here (or one that fails to import): the plain path only
     triton = None
 
-FP8_MAX = 448.0
 MAX_ROW = 32768  # one row per program, in registers: wider rows take the plain path
 
 
 def available(x: Tensor) -> bool:
     """The fused kernel can quantise rows of `x` (a CUDA tensor in a half dtype, Triton present)."""
     return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-
-
-def gelu_tanh_reference(x: Tensor) -> Tensor:
-    """GELU, tanh form, in float32: what the kernel computes before rounding to the compute dtype."""
-    x = x.float()
-    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
 
 
 if triton is not None:
@@ -109,6 +102,8 @@ def probe(device: torch.device, dtype: torch.dtype, shapes: Sequence[tuple[int, 
 
 
 def _probe_shape(device: torch.device, dtype: torch.dtype, first_width: int, second_width: int) -> bool:
+    from .fp8 import first_line, quantize_activations  # fp8.py imports this module at its top
+
     gen = torch.Generator().manual_seed(0)
     first = torch.randn(16, first_width, generator=gen).to(device, dtype) if first_width else None
     second = (3 * torch.randn(16, second_width, generator=gen)).to(device, dtype)
@@ -117,14 +112,11 @@ def _probe_shape(device: torch.device, dtype: torch.dtype, first_width: int, sec
             xq, scale = gelu_quantize_rows(first, second)
             torch.cuda.synchronize(device)
     except Exception as exc:  # CompilationError, RuntimeError, ...: whatever this build raises
-        text = str(exc).strip()
-        logger.info(
-            "fused fp8 quantisation unavailable on %s: %s", device, text.splitlines()[0] if text else exc
-        )
+        logger.info("fused fp8 quantisation unavailable on %s: %s", device, first_line(exc))
         return False
-    x = F.gelu(second, approximate="tanh").float()
-    x = x if first is None else torch.cat((first.float(), x), dim=1)
-    ref_scale = (x.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    x = F.gelu(second, approximate="tanh")
+    x = (x if first is None else torch.cat((first, x), dim=1)).float()
+    ref_scale = quantize_activations(x)[1]
     got = xq.float() * scale
     # e4m3 keeps 3 mantissa bits: a right kernel is within half a step (1/16) of each value
     if not torch.allclose(scale, ref_scale, rtol=1e-2) or ((got - x).abs() > x.abs() / 15 + 1e-3).any():
