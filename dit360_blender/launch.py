@@ -78,5 +78,9 @@ def worker_env(
     env["PYTHONIOENCODING"] = "utf-8"
     env["PYTHONSAFEPATH"] = "1"  # 3.11+: do not put the working directory first on sys.path
     env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    if sys.platform.startswith("linux"):  # fewer, growable CUDA segments: less memory lost to
+        # fragmentation between the load's, the steps' and the decode's differently sized blocks
+        # (PyTorch supports them on Linux only)
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     env.update(extra or {})
     return env

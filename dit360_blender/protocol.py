@@ -57,7 +57,8 @@ progress   job_id, stage, step, total,      stage is one of ``STAGES``; step/tot
 preview    job_id, step, total, width,      a small PNG (≤ ``MAX_PREVIEW_WIDTH`` × ``MAX_PREVIEW_HEIGHT``),
            height, mime, data (base64)      base64, from a linear latent→RGB projection (no VAE)
 result     job_id, path, width, height,     the image was written to ``path`` (inside the job's
-           metadata, timings, model_cached  output_dir); timings in seconds
+           metadata, timings, model_cached, output_dir); timings in seconds; memory: GPU memory
+           [files], [native], [memory]      per stage in GiB (CUDA)
 warmed     job_id, timings, model_cached    a ``warm`` job's end: its model is loaded (and compiled)
 error      job_id (or null), code, message, a job failed (the job's final event) or a message was
            hint, [fatal], [details]         refused (job_id null); ``hint`` says the fix; ``fatal``:
@@ -302,6 +303,7 @@ WORKER_MESSAGES: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
         "files": ((_D,), False),  # {"hdr", "lighting"[, "hdr_exr", "lighting_exr"]: path} with HDR files
         "remote_files": ((_L,), False),  # a serving worker's: [{name, size, sha256}] (Remote workers)
         "native": ((_D,), False),  # a generate with size: the generated {path, width, height, files}
+        "memory": ((_D,), False),  # GPU memory per stage, GiB (pipeline/memory_peaks.py); CUDA only
     },
     "warmed": {  # a warm job's end: the model is loaded (and compiled) for its parameters
         "job_id": ((_S,), True),

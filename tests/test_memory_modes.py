@@ -73,10 +73,10 @@ def test_streamed_blocks_leave_the_resident_rest_within_the_room():
 
 
 @pytest.mark.parametrize(
-    "free_gib, budget, roomy",
-    [(80.0, None, True), (39.0, None, False), (80.0, 16.0, False)],
+    "free_gib, budget, roomy, tile",
+    [(80.0, None, True, None), (39.0, None, False, 128), (80.0, 16.0, False, 64), (80.0, 24.0, False, 128)],
 )
-def test_fp8_keeps_everything_resident_only_on_a_card_with_room(monkeypatch, free_gib, budget, roomy):
+def test_fp8_keeps_everything_resident_only_on_a_card_with_room(monkeypatch, free_gib, budget, roomy, tile):
     """No GPU here: the free-memory reading is the one thing faked (memory._free_gib)."""
     from dit360_blender.pipeline import memory
 
@@ -84,7 +84,8 @@ def test_fp8_keeps_everything_resident_only_on_a_card_with_room(monkeypatch, fre
     plan = plan_memory("fp8", torch.device("cuda"), budget)
     assert plan.quantize_fp8 and plan.roomy is roomy
     assert plan.stream_text_encoder is (not roomy)
-    assert plan.vae_tile == (None if roomy else 128)
+    assert plan.vae_tile == tile  # 64-pixel tiles within a budget under 20 GiB (the 16 GiB layout)
+    assert plan.vram_budget == (None if budget is None else int(budget * 2**30))  # kept: the cap
 
 
 def test_concurrent_loading_surfaces_a_text_encoder_failure_and_leaves_no_thread(tiny_paths, tmp_path):
@@ -100,3 +101,94 @@ def test_concurrent_loading_surfaces_a_text_encoder_failure_and_leaves_no_thread
         DiT360Pipeline.load(broken, device="cpu", dtype="fp32")
     assert "no-tokenizer-here" in info.value.message and info.value.hint
     assert not [t for t in threading.enumerate() if t.name.startswith("dit360-text-load")]
+
+
+# -- the budget at the device level ----------------------------------------------------------------
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    "budget_gib, total_gib, cap_gib",
+    [(16.0, 139.8, 15.25), (8.0, 139.8, 7.25), (48.0, 24.0, 23.25), (None, 139.8, None)],
+)
+def test_allocator_cap_is_the_budget_less_the_cuda_context(budget_gib, total_gib, cap_gib):
+    """The cap keeps what the card's monitor counts (allocator + ~0.75 GiB context) in the budget;
+    a budget larger than the card is the card."""
+    from dit360_blender.pipeline.memory import MemoryPlan, allocator_cap
+
+    budget = None if budget_gib is None else int(budget_gib * GIB)
+    cap = allocator_cap(MemoryPlan("fp8", True, True, False, budget), int(total_gib * GIB))
+    assert cap == (None if cap_gib is None else pytest.approx(cap_gib * GIB, abs=2))
+
+
+def test_a_budget_the_context_fills_is_refused_with_the_fix():
+    from dit360_blender.pipeline.memory import MemoryPlan, allocator_cap
+
+    with pytest.raises(BadParametersError) as info:
+        allocator_cap(MemoryPlan("stream", True, True, True, GIB // 2), 80 * GIB)
+    assert "0.5 GiB" in info.value.message and "at least" in info.value.hint
+
+
+def test_limit_allocator_caps_and_uncaps_the_process(monkeypatch):
+    """No GPU here: torch.cuda's three calls are recorded instead (the one thing faked)."""
+    from types import SimpleNamespace
+
+    from dit360_blender.pipeline import memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(f))
+    cuda = torch.device("cuda", 0)
+    budgeted = memory.MemoryPlan("fp8", True, True, False, 16 * GIB)
+    assert memory.limit_allocator(budgeted, cuda) == int(15.25 * GIB)
+    assert calls == ["empty", pytest.approx(15.25 / 80)]
+    assert memory.limit_allocator(memory.MemoryPlan("resident", False, False, False, None), cuda) is None
+    assert calls[-2:] == ["empty", 1.0]  # an earlier job's cap is lifted
+    assert memory.limit_allocator(budgeted, torch.device("cpu")) is None and len(calls) == 4
+
+
+@pytest.mark.parametrize(
+    "free_gib, budget, mode", [(139.0, 48.0, "resident"), (139.0, 24.0, "fp8"), (139.0, 12.0, "stream")]
+)
+def test_auto_keeps_a_given_budget_on_a_big_card(monkeypatch, free_gib, budget, mode):
+    """Auto with a budget on a card with far more free: the mode fits the budget and keeps it."""
+    from dit360_blender.pipeline import memory
+
+    monkeypatch.setattr(memory, "_free_gib", lambda device: free_gib)
+    plan = plan_memory("auto", torch.device("cuda"), budget)
+    assert plan.mode == mode and not plan.roomy
+    expected = budget - memory.AUTO_MARGIN_GIB if mode == "stream" else budget
+    assert plan.vram_budget == int(expected * GIB)
+
+
+def test_the_streamed_layout_leaves_the_cuda_context_out_of_the_blocks_room():
+    from dit360_blender.pipeline.memory import MemoryPlan, resident_block_budget
+
+    plan = MemoryPlan("stream", True, True, True, 8 * GIB)
+    tokens, fixed, block = 64 * 130, 2 * GIB, 339 * 10**6
+    room = resident_block_budget(plan, tokens, fixed, block, prefetch=2)
+    activations = (tokens + 512) * 200_000 + 0.75 * GIB
+    assert room == pytest.approx(8 * GIB - 0.75 * GIB - fixed - activations - 3 * block, abs=2)
+
+
+def test_stage_peaks_are_empty_off_cuda_and_a_cpu_load_times_its_parts(tiny_paths):
+    import time
+
+    from dit360_blender.pipeline.memory_peaks import StagePeaks
+
+    peaks = StagePeaks(torch.device("cpu"))
+    peaks.begin("load")
+    assert peaks.report() == {}
+    t0 = time.perf_counter()
+    pipe = DiT360Pipeline.load(tiny_paths, device="cpu", dtype="fp32")
+    wall = time.perf_counter() - t0
+    parts = pipe.load_timings
+    assert {"text_encoders_s", "transformer_s", "vae_s", "text_encoders_wait_s", "placement_s"} <= set(parts)
+    assert all(v >= 0 for v in parts.values())
+    # the text encoders load beside the transformer: the parts on the main thread fit in the wall time
+    assert sum(v for k, v in parts.items() if k != "text_encoders_s") <= wall
+    assert parts["text_encoders_s"] <= wall and pipe.load_memory == {} and pipe.allocator_cap is None
+    made = pipe.generate(GenerateRequest(prompt="p", width=128, height=64, steps=2, seed=1))
+    assert made.memory == {}

@@ -66,6 +66,17 @@ def test_worker_env_puts_the_vendor_folder_and_the_package_first(tmp_path, monke
     assert env["PYTHONSAFEPATH"] == "1" and env["HF_HUB_DISABLE_TELEMETRY"] == "1"
 
 
+def test_worker_env_asks_for_expandable_cuda_segments_on_linux_only_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert worker_env(None)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's own
+    assert worker_env(None)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setattr(sys, "platform", "win32")  # PyTorch has them on Linux only
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in worker_env(None)
+
+
 # -- the extension zip ------------------------------------------------------------------------------
 
 

@@ -122,6 +122,14 @@ def test_job_end_to_end_matches_the_in_process_pipeline(client, job, tiny_paths)
     meta = read_png_metadata(path)
     assert meta["prompt"] == PROMPT and meta["seed"] == 1234 and meta["steps"] == steps
     assert set(result["timings"]) >= {"load_s", "encode_s", "sample_s", "decode_s", "save_s", "total_s"}
+    # a first job's load, part by part (the text encoders load beside the transformer), within load_s
+    parts = {"load_transformer_s", "load_vae_s", "load_text_encoders_s", "load_text_encoders_wait_s"}
+    assert parts <= set(result["timings"])
+    assert (
+        result["timings"]["load_transformer_s"] + result["timings"]["load_vae_s"]
+        <= result["timings"]["load_s"]
+    )
+    assert "memory" not in result  # the CPU has no allocator counters: reported on CUDA only
     check_analysis(result["metadata"])  # the analysis the add-on reads follows the protocol's schema
     assert {"seam", "lighting"} <= set(result["metadata"]) and meta["seam"] == result["metadata"]["seam"]
 

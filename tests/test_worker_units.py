@@ -154,6 +154,35 @@ def test_runner_reports_and_decides_whether_to_keep_serving(tmp_path, exc, code,
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+class _Peaks:
+    def report(self):  # what StagePeaks reports on a GPU under a 16 GiB budget
+        return {"sample": {"allocated_gib": 14.9, "reserved_gib": 15.2}, "device_used_gib": 16.0,
+                "cap_gib": 15.25}  # fmt: skip
+
+
+def test_an_out_of_memory_error_under_a_budget_names_the_budget_and_the_stage(tmp_path):
+    pipe = _FailingPipe(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    pipe.peaks = _Peaks()
+    sent = []
+    assert JobRunner(sent.append, _FakeCache(pipe)).run(_job(tmp_path)) is True
+    final = sent[-1]
+    assert final["code"] == "out_of_memory" and "15.2 GiB" in final["message"]
+    assert final["hint"].startswith("Raise the VRAM budget") and "stream" in final["hint"]
+    assert final["details"]["stage"] == "encoding"
+    assert final["details"]["memory"]["sample"]["reserved_gib"] == 15.2
+
+
+def test_an_out_of_memory_error_without_a_budget_keeps_the_plain_hint(tmp_path):
+    sent = []
+    runner = JobRunner(
+        sent.append, _FakeCache(_FailingPipe(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    )
+    assert runner.run(_job(tmp_path)) is True
+    final = sent[-1]
+    assert "budget" not in final["message"] and not final["hint"].startswith("Raise")
+    assert final["details"] == {"stage": "encoding"}
+
+
 def test_runner_refuses_bad_parameters_before_loading(tmp_path):
     sent = []
     runner = JobRunner(sent.append, None)  # a cache access would fail: it must not happen

@@ -30,10 +30,11 @@ from dit360_blender.pipeline.make_panorama import write_panorama
 
 
 class _Picture:
-    """What write_panorama takes from a generation: the 8-bit image, metadata and timings."""
+    """What write_panorama takes from a generation: the 8-bit image, metadata, timings, memory."""
 
     def __init__(self, rgb: np.ndarray) -> None:
         self.rgb, self.metadata, self.timings = rgb, {"prompt": "bench", "seed": 0}, {}
+        self.memory: dict = {}
 
     def to_uint8(self) -> torch.Tensor:
         return torch.from_numpy(self.rgb)

@@ -68,7 +68,15 @@ WORKER_VARIANTS: dict[str, dict] = {
     # every middle step skipped: the cost of a skipped step (an upper bound of the cache's gain,
     # not an image one would keep; random weights never pass the 0.1 threshold on their own)
     "cache every step": {"dtype": "bf16", "memory_mode": "fp8", "compile": "on", "step_cache": 1.0},
-}
+    # the worker's default allocator settings lifted (launch.worker_env sets expandable segments)
+    "fp8+compile default-alloc": {
+        "dtype": "bf16", "memory_mode": "fp8", "compile": "on", "env": {"PYTORCH_CUDA_ALLOC_CONF": ""},
+    },
+    "fp8 16GiB default-alloc": {
+        "dtype": "bf16", "memory_mode": "fp8", "vram_budget_gib": 16.0, "compile": "on",
+        "env": {"PYTORCH_CUDA_ALLOC_CONF": ""},
+    },
+}  # fmt: skip
 WARMED = " warmed"  # a variant's name + this: a `warm` job first (the preference "Load the Model
 # When the Panel Opens"), then the cold and warm jobs
 
@@ -96,9 +104,9 @@ def worker_jobs(
     out_dir = Path(tempfile.mkdtemp(prefix="out-", dir=user_dir))
     watch = VramWatch(device) if device is not None else None
     t0 = time.perf_counter()
-    client = WorkerClient(log_dir=log_dir, extra_env={"HF_HUB_OFFLINE": "1"})
+    client = WorkerClient(log_dir=log_dir, extra_env={"HF_HUB_OFFLINE": "1", **variant.get("env", {})})
     record: dict = {"variant": variant}
-    settings = {k: v for k, v in variant.items() if k != "warm_first"}
+    settings = {k: v for k, v in variant.items() if k not in ("warm_first", "env")}
     try:
         client.start()
         record["spawn_to_ready_s"] = time.perf_counter() - t0  # `ready`: jobs can be queued
@@ -141,4 +149,5 @@ def _timed_job(client: WorkerClient, job: Job, steps: int) -> dict:
     if "last_step_s" in marks:
         out["tail_after_last_step_s"] = total - marks["last_step_s"]
     out["transformer_evaluations"] = result.get("metadata", {}).get("transformer_evaluations")
+    out["memory"] = result.get("memory")  # the worker's own: GiB per stage, allocated and reserved
     return out

@@ -18,7 +18,8 @@ from .flux_layers import set_attention_backend
 from .flux_model import Flux
 from .fp8 import enable_fp8_matmul
 from .lora import LoraMerger, load_lora
-from .memory import MemoryPlan, plan_memory, resident_block_budget
+from .memory import MemoryPlan, limit_allocator, plan_memory, resident_block_budget
+from .memory_peaks import StagePeaks
 from .model_files.catalogue import FLUX_REPO, LORA_REPO, ModelPaths
 from .sampling import (
     PATCH,
@@ -80,6 +81,7 @@ class Generation:
     request: GenerateRequest
     metadata: dict
     timings: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)  # GPU memory per stage (memory_peaks.StagePeaks)
 
     def to_uint8(self) -> Tensor:
         """(H, W, 3) uint8, rounded like diffusers' image post-processing."""
@@ -128,6 +130,10 @@ class DiT360Pipeline:
         self.plan = plan or MemoryPlan("resident", False, False, False, None)
         self.streamers = streamers or []
         self.vae_wrap = True
+        self.allocator_cap: int | None = None  # bytes (memory.limit_allocator), None: uncapped
+        self.load_memory: dict = {}  # the load's GPU memory peaks (memory_peaks.StagePeaks.report)
+        self.load_timings: dict[str, float] = {}  # seconds per part of the load (_LoadClock)
+        self.peaks = StagePeaks(device)  # the running (or last) job's
 
     @classmethod
     def load(
@@ -161,29 +167,36 @@ class DiT360Pipeline:
         axes_dim = axes_dim or config_axes_dim(paths.transformer)
         compile = {"on": True, "off": False}.get(compile, compile)  # type: ignore[call-overload]
         plan = plan_memory(memory_mode, device, vram_budget_gib)
+        cap = limit_allocator(plan, device)  # the budget holds from the first byte loaded
+        peaks = StagePeaks(device, cap)
+        peaks.begin("load")
         set_attention_backend(attention, device)
         text_device = "cpu" if plan.stream_text_encoder else device
         # The text encoders load on a side thread while the transformer loads here: both are mostly
         # file reads and copies, which release the GIL. (Our models take every tensor from the file,
         # so transformers setting the default dtype meanwhile cannot change them.)
+        clock = _LoadClock()
         loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit360-text-load")
         text_future = loading.submit(
-            TextEncoders.load, paths.text_encoder, paths.tokenizer, paths.text_encoder_2, paths.tokenizer_2,
-            dtype=dtype, device=text_device,
+            clock.timed, "text_encoders_s", TextEncoders.load, paths.text_encoder, paths.tokenizer,
+            paths.text_encoder_2, paths.tokenizer_2, dtype=dtype, device=text_device,
         )  # fmt: skip
         try:
-            transformer, vae = _load_transformer_and_vae(
-                paths, plan, device, dtype, axes_dim, lora_strength, loras
+            transformer = clock.timed(
+                "transformer_s", _load_transformer, paths, plan, device, dtype, axes_dim, lora_strength, loras
             )
-            text_encoders = text_future.result()
+            vae = clock.timed("vae_s", load_autoencoder, paths.vae, dtype=dtype, device=device)
+            text_encoders = clock.timed("text_encoders_wait_s", text_future.result)
         finally:
             loading.shutdown(wait=True)  # never leave a load running behind an error
-        enable_fp8_matmul(transformer, device, dtype)
+        clock.timed("fp8_setup_s", enable_fp8_matmul, transformer, device, dtype)
         if compile == "auto":
             compile = _can_compile(plan, device)
         if compile:
-            _compile(transformer, plan, device)
-        streamers = _place_for_streaming(plan, device, text_encoders, transformer, vae)
+            clock.timed("compile_setup_s", _compile, transformer, plan, device)
+        streamers = clock.timed(
+            "placement_s", _place_for_streaming, plan, device, text_encoders, transformer, vae
+        )
         info = {
             "model": FLUX_REPO,
             "transformer": Path(paths.transformer).name,
@@ -198,6 +211,8 @@ class DiT360Pipeline:
         }
         pipe = cls(text_encoders, transformer, vae, device, dtype, info, plan, streamers)
         pipe.use_vae_wrap(vae_wrap)
+        pipe.allocator_cap, pipe.load_memory = cap, peaks.report()
+        pipe.load_timings = clock.marks
         return pipe
 
     def use_vae_wrap(self, on: bool) -> None:
@@ -234,13 +249,16 @@ class DiT360Pipeline:
         stage = on_stage or (lambda name: None)
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        peaks = self.peaks = StagePeaks(self.device, self.allocator_cap)
 
         stage("encoding")
+        peaks.begin("encode")
         txt, vec = self.text_encoders.encode(request.prompt, max_length=T5_MAX_LENGTH)
         txt, vec = txt.to(self.device), vec.to(self.device)
         timings["encode_s"] = time.perf_counter() - start
 
         stage("sampling")
+        peaks.begin("sample")
         t0 = time.perf_counter()
         noise = (
             get_noise(request.seed, request.height, request.width)
@@ -261,6 +279,7 @@ class DiT360Pipeline:
         timings["sample_s"] = time.perf_counter() - t0
 
         stage("decoding")
+        peaks.begin("decode")
         t0 = time.perf_counter()
         image = self.decode(unpack(crop_pad(x, grid_h, grid_w), grid_h, grid_w))
         timings["decode_s"] = time.perf_counter() - t0
@@ -272,14 +291,30 @@ class DiT360Pipeline:
             "noise": "torch CPU generator, float32",
             "transformer_evaluations": cache.full_evaluations if cache is not None else request.steps,
         }
-        return Generation(image=image, request=request, metadata=metadata, timings=timings)
+        return Generation(
+            image=image, request=request, metadata=metadata, timings=timings, memory=peaks.report()
+        )
 
 
 DEFAULT_IMAGE_TOKENS = 64 * 130  # 2048x1024 with DiT360's two wrap columns
 STREAM_PREFETCH = 2
 
 
-def _load_transformer_and_vae(
+class _LoadClock:
+    """Seconds per part of a load (`marks`), for the worker's timings: what a first job waits for."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+
+    def timed(self, name: str, fn: Callable, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.marks[name] = round(time.perf_counter() - t0, 4)
+
+
+def _load_transformer(
     paths: ModelPaths,
     plan: MemoryPlan,
     device: torch.device,
@@ -287,8 +322,8 @@ def _load_transformer_and_vae(
     axes_dim: list[int] | None,
     lora_strength: float,
     loras: Sequence[tuple[str | Path, float]],
-) -> tuple[Flux, AutoEncoder]:
-    """The transformer with DiT360's LoRA (and the user's) merged, and the VAE."""
+) -> Flux:
+    """The transformer with DiT360's LoRA (and the user's) merged."""
     merge = None
     dit360_lora = paths.lora if lora_strength != 0.0 else None
     if dit360_lora is not None or loras:  # `loras`: the user's own, (file, strength), on top
@@ -304,8 +339,7 @@ def _load_transformer_and_vae(
         quantize_fp8=plan.quantize_fp8,
         work_device=device,
     )
-    vae = load_autoencoder(paths.vae, dtype=dtype, device=device)
-    return transformer, vae
+    return transformer
 
 
 def _streamed_blocks(block_bytes: list[int], room: int) -> list[int]:

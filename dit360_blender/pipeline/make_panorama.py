@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._version import __version__
@@ -34,6 +34,7 @@ class Panorama:
     files: dict[str, str]
     metadata: dict
     timings: dict[str, float]
+    memory: dict = field(default_factory=dict)  # GPU memory per stage (Generation.memory)
 
 
 def make_panorama(
@@ -86,7 +87,7 @@ def write_panorama(
     path, files = _write_files(out, rgb, metadata, hdr_result, exr=exr, cubemap=cubemap)
     timings = {k: v for k, v in generation.timings.items() if k != "total_s"}
     timings["save_s"] = time.perf_counter() - t0
-    return Panorama(path=path, files=files, metadata=metadata, timings=timings)
+    return Panorama(path=path, files=files, metadata=metadata, timings=timings, memory=generation.memory)
 
 
 def _write_files(

@@ -26,6 +26,7 @@ class QueuedJob:
     cancel_step: int | None = None  # steps completed when the cancel arrived
     started: float = 0.0
     sampling_started: float = 0.0
+    memory: dict = field(default_factory=dict)  # GPU memory peaks of its load, if it loaded (result event)
 
     def request_cancel(self) -> None:
         if not self.cancel.is_set():

@@ -214,6 +214,7 @@ class JobRunner:
         )  # fmt: skip
         width = int(big.metadata["upscale"]["width"])
         big.timings = {**made.timings, **{f"upscale_{k}": v for k, v in big.timings.items()}}
+        big.memory = {**made.memory, **big.memory}
         self.send_result(job, big, width, width // 2, timings, cached, native=native)
 
     def _warm(self, job: QueuedJob) -> None:
@@ -248,6 +249,9 @@ class JobRunner:
             on_search=lambda: _stop_if_cancelled(job),
         )
         timings["load_s"] = time.monotonic() - t0
+        if not cached:  # what the first job of a worker waits for, part by part
+            timings.update({f"load_{part}": s for part, s in getattr(pipe, "load_timings", {}).items()})
+            job.memory.update(getattr(pipe, "load_memory", {}))
         _stop_if_cancelled(job)
         pipe.use_vae_wrap(bool(p["vae_wrap"]))  # a decode setting: no reload when it changes
         return pipe, cached, timings
@@ -268,11 +272,12 @@ class JobRunner:
         timings.update(made.timings, total_s=time.monotonic() - job.started)
         self._tail_s = timings.get("decode_s", 0.0) + timings["save_s"]
         logger.info("job %s done in %.2f s: %s", job.job_id, timings["total_s"], made.path.name)
+        memory = {**job.memory, **made.memory}
         self.send(
             message(
                 "result", job_id=job.job_id, path=str(made.path), width=width, height=height,
                 metadata=made.metadata, timings=timings, model_cached=cached, files=made.files,
-                **({"native": native} if native else {}),
+                **({"native": native} if native else {}), **({"memory": memory} if memory else {}),
             )
         )  # fmt: skip
 
@@ -303,6 +308,10 @@ class JobRunner:
 
         def on_step(step: SamplerStep) -> None:
             job.step, job.total = step.index, step.total
+            if step.index == step.total and step.x0.is_cuda:
+                # The GPU runs a step behind the loop: the last step's event waits for the GPU to
+                # finish it, so "sampling done" means done (the decode is queued right after anyway).
+                torch.cuda.synchronize(step.x0.device)
             per_step = (time.monotonic() - job.sampling_started) / step.index
             self._progress(job, "sampling", eta=per_step * (step.total - step.index) + self._tail_s)
             if previews is not None and (step.index % every == 0 or step.index == step.total):
@@ -371,12 +380,28 @@ class JobRunner:
         if code == "cancelled":
             text = f"Cancelled after {job.step} of {_total_steps(job)} sampling steps."
             details = {"step": job.step, "cancel_step": job.cancel_step}
+        if code == "out_of_memory":
+            text, hint, details = self._out_of_memory(job, text, hint)
         if code in ("internal", "cuda_error"):
             logger.error("job %s failed", job.job_id, exc_info=(type(exc), exc, exc.__traceback__))
         else:
             logger.warning("job %s ended: %s: %s", job.job_id, code, text.splitlines()[0] if text else "")
         extra = {"details": details} if details else {}
         return error(code, text, hint, job_id=job.job_id, fatal=fatal, **extra), fatal
+
+    def _out_of_memory(self, job: QueuedJob, text: str, hint: str) -> tuple[str, str, dict]:
+        """An out-of-memory error's text, hint and details: the memory each stage held so far, and
+        when a VRAM budget capped the allocator, that the budget is what ran out."""
+        peaks = getattr(self.cache.pipe, "peaks", None) if job.stage != "loading" else None
+        memory = {**job.memory, **(peaks.report() if peaks is not None else {})}
+        cap = memory.get("cap_gib")
+        if cap:
+            text = f"{text} (the VRAM budget caps this worker at {cap:.1f} GiB, the CUDA context aside)"
+            hint = (
+                "Raise the VRAM budget, or choose the 'stream' memory mode with your budget (it keeps "
+                "only what fits on the GPU). " + hint
+            )
+        return text, hint, {"memory": memory, "stage": job.stage} if memory else {"stage": job.stage}
 
 
 _OOM_HINT = (
