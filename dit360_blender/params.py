@@ -285,7 +285,7 @@ PARAMS: tuple[Param, ...] = (
     ),
     Param(
         "vram_budget_gib", "float", None, "VRAM Budget",
-        "For Stream: how much VRAM to use (none / 0: what is free)",
+        "The most VRAM the worker may use, as the card counts it (Stream keeps only what fits; other modes stop with an out-of-memory error beyond it). None: what is free",
         minimum=0.5, maximum=4096.0, unit="GiB", nullable=True, cli="--vram-budget", blender="prefs",
         jobs=UPSCALE_SHARED,
     ),

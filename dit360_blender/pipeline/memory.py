@@ -5,7 +5,8 @@
 * `fp8` — the transformer's block weights in fp8 with per-row scales (half the memory, fp8
   matmuls on Ada/Hopper/Blackwell); the T5 encoder stays in pinned host memory and is streamed
   through the GPU block by block while encoding, so it never holds VRAM during sampling.
-  The whole job peaks around 15 GB. On a card with room (no budget given, ≥ 40 GiB free) T5
+  With a 16 GiB budget the worker's whole job stays within 16.0 GiB on the device (H200,
+  docs/benchmarks.md); without one it takes ~26 GiB. On a card with room (no budget given, ≥ 40 GiB free) T5
   stays on the GPU and the decode is untiled instead: the speed of fp8 without the 16 GB layout.
 * `stream` — like `fp8`, and only as many transformer blocks stay on the GPU as the VRAM budget
   allows; the others are copied from pinned host memory one or two blocks ahead on a side
@@ -34,8 +35,8 @@ GIB = 2**30
 AUTO_RESIDENT_GIB, AUTO_FP8_GIB, AUTO_MARGIN_GIB = 40.0, 20.0, 1.0
 # What a worker's CUDA context (with cuBLAS' and cuDNN's handles and workspaces) holds outside the
 # caching allocator: the device-level use is the allocator's reserve plus this. (Measured on an
-# H200, torch 2.11: docs/benchmarks.md.)
-CUDA_CONTEXT_GIB = 0.75
+# H200, torch 2.11: 0.77-0.79 GiB, docs/benchmarks.md.)
+CUDA_CONTEXT_GIB = 0.8
 FP8_WIDE_TILE_GIB = 20.0  # fp8 budgets below this decode in 64-pixel tiles (MemoryPlan.vae_tile)
 
 
