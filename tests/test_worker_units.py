@@ -17,6 +17,7 @@ from PIL import Image
 
 from dit360_blender.pipeline.dit360 import Cancelled
 from dit360_blender.pipeline.errors import BadParametersError, OutputWriteError, WeightsMissingError
+from dit360_blender.pipeline.memory_peaks import StagePeaks
 from dit360_blender.pipeline.output_files import ensure_writable, plan_output, slugify
 from dit360_blender.protocol import (
     MAX_PREVIEW_HEIGHT,
@@ -104,6 +105,7 @@ def test_classify(exc, code, fatal):
 class _FailingPipe:
     def __init__(self, exc):
         self.exc = exc
+        self.peaks = StagePeaks(torch.device("cpu"))  # the real counters: empty off CUDA
 
     def use_vae_wrap(self, on):  # the per-job decode setting the runner applies first
         self.vae_wrap = on

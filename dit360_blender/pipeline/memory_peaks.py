@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-GIB = 2**30
+from .memory import GIB
 
 
 class StagePeaks:

@@ -250,8 +250,8 @@ class JobRunner:
         )
         timings["load_s"] = time.monotonic() - t0
         if not cached:  # what the first job of a worker waits for, part by part
-            timings.update({f"load_{part}": s for part, s in getattr(pipe, "load_timings", {}).items()})
-            job.memory.update(getattr(pipe, "load_memory", {}))
+            timings.update({f"load_{part}": s for part, s in pipe.load_timings.items()})
+            job.memory.update(pipe.load_memory)
         _stop_if_cancelled(job)
         pipe.use_vae_wrap(bool(p["vae_wrap"]))  # a decode setting: no reload when it changes
         return pipe, cached, timings
@@ -392,8 +392,8 @@ class JobRunner:
     def _out_of_memory(self, job: QueuedJob, text: str, hint: str) -> tuple[str, str, dict]:
         """An out-of-memory error's text, hint and details: the memory each stage held so far, and
         when a VRAM budget capped the allocator, that the budget is what ran out."""
-        peaks = getattr(self.cache.pipe, "peaks", None) if job.stage != "loading" else None
-        memory = {**job.memory, **(peaks.report() if peaks is not None else {})}
+        pipe = self.cache.pipe if job.stage != "loading" else None  # a load's peaks are in job.memory
+        memory = {**job.memory, **(pipe.peaks.report() if pipe is not None else {})}
         cap = memory.get("cap_gib")
         if cap:
             text = f"{text} (the VRAM budget caps this worker at {cap:.1f} GiB, the CUDA context aside)"
