@@ -163,6 +163,30 @@ def test_auto_keeps_a_given_budget_on_a_big_card(monkeypatch, free_gib, budget, 
     assert plan.vram_budget == int(expected * GIB)
 
 
+def test_limit_allocator_gives_torch_an_index_for_a_device_without_one(monkeypatch):
+    """pick_device("auto") gives torch.device("cuda"); set_per_process_memory_fraction refuses a
+    device without an index (the H200 bench found it), so the current GPU's index is passed."""
+    from types import SimpleNamespace
+
+    from dit360_blender.pipeline import memory
+
+    asked = []
+
+    def fraction(f, index):
+        if not isinstance(index, int):  # what torch 2.11 raises for torch.device("cuda")
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{index}")
+        asked.append((f, index))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fraction)
+    plan = memory.MemoryPlan("fp8", True, True, False, 16 * GIB)
+    memory.limit_allocator(plan, torch.device("cuda"))
+    memory.limit_allocator(plan, torch.device("cuda", 1))
+    assert [index for _, index in asked] == [3, 1]
+
+
 def test_the_streamed_layout_leaves_the_cuda_context_out_of_the_blocks_room():
     from dit360_blender.pipeline.memory import MemoryPlan, resident_block_budget
 

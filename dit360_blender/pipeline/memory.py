@@ -140,10 +140,12 @@ def limit_allocator(plan: MemoryPlan, device: torch.device) -> int | None:
     earlier job's cap when the plan has no budget; returns the cap in bytes (None: uncapped)."""
     if device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
+    # "cuda" (pick_device's, the CLI's) means the current GPU; the fraction call wants its index
+    index = torch.cuda.current_device() if device.index is None else device.index
+    total = torch.cuda.get_device_properties(index).total_memory
     cap = allocator_cap(plan, total)
     torch.cuda.empty_cache()  # what an earlier model left cached counts against the new cap
-    torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap / total, device)
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap / total, index)
     return cap
 
 
